@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION: Literal[1] = 1
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
@@ -22,7 +22,7 @@ class InputSpec(_Strict):
     width: int = Field(gt=0)
     channels: Literal[1, 3]
     color_mode: Literal["L", "RGB"]
-    mean: tuple[float, ...] = Field(description="Per-channel mean, applied to pixels scaled to 0..1")
+    mean: tuple[float, ...] = Field(description="Per-channel mean of pixels scaled to 0..1")
     std: tuple[float, ...] = Field(description="Per-channel std, applied after the mean")
     layout: Literal["NCHW"] = "NCHW"
     dtype: Literal["float32", "float16"] = "float32"
@@ -31,7 +31,7 @@ class InputSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> InputSpec:
         if (self.color_mode == "L") != (self.channels == 1):
-            raise ValueError(f"color_mode {self.color_mode} does not match channels {self.channels}")
+            raise ValueError(f"color_mode {self.color_mode} does not fit {self.channels} channels")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
         if any(s <= 0 for s in self.std):
