@@ -47,9 +47,9 @@ def test_redis_keeps_the_queue() -> None:
 
 
 def test_config_names_only_known_settings() -> None:
-    from service.settings import ServiceSettings
+    from service.settings import Settings
 
-    known = {f"HALFLABEL_{name.upper()}" for name in ServiceSettings.model_fields}
+    known = {f"HALFLABEL_{name.upper()}" for name in Settings.model_fields}
     service_config = next(c for c in by_kind("ConfigMap") if c["metadata"]["name"] ==
                           "halflabel-service")
     assert set(service_config["data"]) <= known

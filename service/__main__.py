@@ -1,0 +1,5 @@
+"""`python -m service` is `halflabel-serve`."""
+
+from service.cli import app
+
+app(prog_name="halflabel-serve")

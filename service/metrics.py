@@ -1,0 +1,48 @@
+"""Prometheus metrics the service exports at `/metrics` (request counts and latency come from
+Litestar's Prometheus middleware, configured in `service.app`)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+BATCH_SIZE = Histogram(
+    "halflabel_batch_size",
+    "Inputs per inference batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+QUEUE_WAIT = Histogram(
+    "halflabel_queue_wait_seconds", "Time an input waited for its batch", buckets=_FAST
+)
+INFERENCE_TIME = Histogram(
+    "halflabel_inference_seconds", "ONNX Runtime time per batch", buckets=_FAST
+)
+REJECTED_INPUTS = Counter(
+    "halflabel_rejected_inputs", "Inputs refused with 503 because the batching queue was full"
+)
+PREDICTIONS = Counter("halflabel_predictions", "Predictions made", ["model"])
+LOW_CONFIDENCE = Counter(
+    "halflabel_low_confidence_predictions",
+    "Predictions above the entropy threshold (queued for labelling); divide by predictions",
+    ["model"],
+)
+ENTROPY = Histogram(
+    "halflabel_prediction_normalized_entropy",
+    "Normalized entropy (0..1) of predictions",
+    buckets=tuple(i / 10 for i in range(1, 11)),
+)
+QUEUE_PUSH_FAILURES = Counter(
+    "halflabel_labelling_push_failures", "Failed pushes to the Redis labelling queue (retried)"
+)
+QUEUE_PUSH_DROPPED = Counter(
+    "halflabel_labelling_push_dropped",
+    "Low-confidence inputs not queued because the outage buffer was full",
+)
+QUEUE_PUSH_BUFFERED = Gauge(
+    "halflabel_labelling_push_buffered", "Low-confidence inputs waiting to be pushed to Redis"
+)
+MODEL_VERSION = Gauge("halflabel_model_version", "Version of the model being served", ["model"])
+MODEL_LOAD_FAILURES = Counter(
+    "halflabel_model_load_failures", "New versions refused (broken or tampered)", ["model"]
+)

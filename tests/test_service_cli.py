@@ -1,0 +1,46 @@
+"""`halflabel-serve` and `python -m service`: one command, flags over env, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.repository import ModelRepository
+
+SERVE = Path(sys.executable).parent / "halflabel-serve"
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_console_script_and_module_are_the_same_command() -> None:
+    script = run([str(SERVE), "--help"], {"COLUMNS": "120"})
+    module = run([sys.executable, "-m", "service", "--help"], {"COLUMNS": "120"})
+    assert script.returncode == module.returncode == 0
+    assert script.stdout == module.stdout
+    assert "--max-queue-delay-ms" in script.stdout and "--allow-open" in script.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--model-name", "nope"], "error: no model named 'nope'"),
+        (["--model-version", "9"], "error: model 'tiny' has no version 9"),
+        (["--max-batch-size", "0"], "error: bad setting max_batch_size"),
+    ],
+)
+def test_flags_override_the_environment_and_errors_are_one_line(
+    model_repo: ModelRepository, flags: list[str], expected: str
+) -> None:
+    env = {"HALFLABEL_MODEL_DIR": str(model_repo.root), "HALFLABEL_MODEL_NAME": "tiny",
+           "HALFLABEL_MAX_BATCH_SIZE": "8"}
+    result = run([sys.executable, "-m", "service", "--port", "0", *flags], env)
+    assert result.returncode == 1
+    assert result.stderr.startswith(expected), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

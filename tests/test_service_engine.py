@@ -1,0 +1,189 @@
+"""The engine: dynamic batching, back-pressure, timeouts, and version swaps while serving."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import LiveService, grey_png, start_service, stop_service, tiny_draft, tiny_onnx_model
+
+from models.repository import MODEL_FILE, ModelRepository
+from service.batching import DynamicBatcher
+from service.engine import DeviceUnavailableError, OnnxModel, Outputs
+
+PNG = {"Content-Type": "image/png"}
+
+
+def tiny_env(repo: ModelRepository, queue_prefix: str, **settings: str) -> dict[str, str]:
+    env = {
+        "HALFLABEL_MODEL_DIR": str(repo.root),
+        "HALFLABEL_MODEL_NAME": "tiny",
+        "HALFLABEL_QUEUE_PREFIX": queue_prefix,
+    }
+    return env | {f"HALFLABEL_{name.upper()}": value for name, value in settings.items()}
+
+
+def test_concurrent_inputs_are_batched_and_each_gets_its_own_answer(
+    model_repo: ModelRepository,
+) -> None:
+    model = OnnxModel(model_repo.resolve("tiny"), device="cpu", intra_op_threads=1)
+    batch_sizes: list[int] = []
+
+    def recording_run(batch: np.ndarray) -> Outputs:
+        batch_sizes.append(len(batch))
+        return model.run(batch)
+
+    levels = np.linspace(-2, 2, 10, dtype=np.float32)
+    inputs = [np.full((1, 4, 4), level, np.float32) for level in levels]
+
+    async def scenario() -> list[tuple[np.ndarray, float]]:
+        batcher = DynamicBatcher(
+            recording_run, ThreadPoolExecutor(1), max_batch_size=4, max_queue_delay_s=0.2,
+            max_queue_size=100,
+        )
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.infer([array]) for array in inputs))
+        await batcher.close()
+        return [answer for [answer] in answers]
+
+    answers = asyncio.run(scenario())
+    assert batch_sizes == [4, 4, 2]
+    alone = model.run(np.stack(inputs))
+    for i, (probabilities, entropy) in enumerate(answers):
+        np.testing.assert_allclose(probabilities, alone.probabilities[i], rtol=1e-6)
+        assert entropy == pytest.approx(float(alone.entropy[i]), rel=1e-5)
+
+
+def test_full_queue_answers_503_with_retry_after(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    service = start_service(tiny_env(model_repo, queue_prefix, max_queue_size="1"),
+                            tmp_path / "service.log")
+    files = [("file", (f"{i}.png", grey_png(0), "image/png")) for i in range(2)]
+    try:
+        with service.client() as http:
+            busy = http.post("/v1/predict", files=files)
+            single = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+    finally:
+        stop_service(service)
+    assert busy.status_code == 503, busy.text
+    assert busy.headers["retry-after"] == "1"
+    assert busy.headers["content-type"] == "application/problem+json"
+    assert single.status_code == 200
+
+
+def test_slow_request_times_out_with_504(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    service = start_service(tiny_env(model_repo, queue_prefix, request_timeout_s="0.000001"),
+                            tmp_path / "service.log")
+    try:
+        with service.client() as http:
+            response = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+    finally:
+        stop_service(service)
+    assert response.status_code == 504, response.text
+    assert "HALFLABEL_REQUEST_TIMEOUT_S" in response.json()["detail"]
+
+
+def publish_tampered(repo: ModelRepository, tmp_path: Path) -> int:
+    """Place a next version whose ONNX file no longer matches its manifest, atomically."""
+    scratch = ModelRepository(tmp_path / "scratch")
+    artifact = scratch.publish("tiny", tiny_onnx_model(tmp_path / "t.onnx"), tiny_draft())
+    with (artifact.path / MODEL_FILE).open("ab") as f:
+        f.write(b"\0")
+    version = max(repo.versions("tiny")) + 1
+    shutil.move(artifact.path, repo.root / "tiny" / str(version))
+    return version
+
+
+def versions_answering(service: LiveService, stop: threading.Event, seen: list[int]) -> None:
+    with service.client() as http:
+        while not stop.is_set():
+            response = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+            seen.append(response.json()["version"] if response.status_code == 200 else -1)
+
+
+def test_new_version_swaps_in_without_failing_requests_and_tampered_one_is_refused(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    service = start_service(tiny_env(model_repo, queue_prefix, poll_interval_s="0.1"),
+                            tmp_path / "service.log")
+    stop, seen = threading.Event(), []
+    load = threading.Thread(target=versions_answering, args=(service, stop, seen))
+    try:
+        load.start()
+        time.sleep(0.3)
+        model_repo.publish("tiny", tiny_onnx_model(tmp_path / "v2.onnx"), tiny_draft())
+        deadline = time.monotonic() + 20
+        while 2 not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tampered = publish_tampered(model_repo, tmp_path)
+        time.sleep(1.0)  # ten polls
+        stop.set()
+        load.join()
+        with service.client() as http:
+            after = http.post("/v1/predict", content=grey_png(0), headers=PNG).json()["version"]
+            metrics = http.get("/metrics").text
+    finally:
+        stop.set()
+        stop_service(service)
+    assert -1 not in seen, "a request failed during the swap"
+    assert seen[0] == 1 and 2 in seen
+    assert seen == sorted(seen), "an old version answered after the new one"
+    assert after == 2
+    assert 'halflabel_model_load_failures_total{model="tiny"} 1.0' in metrics
+    assert f"refused version {tampered}" in service.log.read_text()
+
+
+def test_tampered_model_at_start_exits_with_one_clear_line(model_repo: ModelRepository) -> None:
+    with (model_repo.root / "tiny" / "1" / MODEL_FILE).open("ab") as f:
+        f.write(b"\0")
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0"],
+        env={"HALFLABEL_MODEL_DIR": str(model_repo.root), "HALFLABEL_MODEL_NAME": "tiny",
+             "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sha256" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_asking_for_a_gpu_where_there_is_none_is_one_clear_error(
+    model_repo: ModelRepository,
+) -> None:
+    if Path("/dev/nvidia0").exists():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceUnavailableError, match="HALFLABEL_DEVICE=auto"):
+        OnnxModel(model_repo.resolve("tiny"), device="cuda")
+    assert OnnxModel(model_repo.resolve("tiny"), device="auto").provider == "CPUExecutionProvider"
+
+
+def test_pinned_version_stays_when_newer_ones_are_published(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    model_repo.publish("tiny", tiny_onnx_model(tmp_path / "v2.onnx"), tiny_draft())
+    env = tiny_env(model_repo, queue_prefix, model_version="1", poll_interval_s="0.1")
+    service = start_service(env, tmp_path / "service.log")
+    try:
+        model_repo.publish("tiny", tiny_onnx_model(tmp_path / "v3.onnx"), tiny_draft())
+        time.sleep(1.0)  # ten polls, had it been polling
+        with service.client() as http:
+            pinned = http.post("/v1/predict", content=grey_png(0), headers=PNG,
+                               params={"version": 1})
+            newer = http.post("/v1/predict", content=grey_png(0), headers=PNG,
+                              params={"version": 3})
+    finally:
+        stop_service(service)
+    assert pinned.status_code == 200 and pinned.json()["version"] == 1
+    assert newer.status_code == 404 and "HALFLABEL_MODEL_VERSION" in newer.json()["detail"]

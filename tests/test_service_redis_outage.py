@@ -1,0 +1,102 @@
+"""A Redis outage never fails a prediction: pushes wait in a bounded buffer until Redis is back."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import free_port, grey_png, start_service, stop_service
+
+from models.queue import QueueKeys
+from models.repository import ModelRepository
+
+PNG = {"Content-Type": "image/png"}
+
+
+class RedisServer:
+    """A private, throw-away redis-server on a free port that the test can stop and restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def metric(text: str, name: str) -> float:
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(values[0]) if values else 0.0
+
+
+def test_predictions_survive_an_outage_and_buffered_pushes_arrive_after_it(
+    model_repo: ModelRepository, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    service = start_service(
+        {
+            "HALFLABEL_MODEL_DIR": str(model_repo.root),
+            "HALFLABEL_MODEL_NAME": "tiny",
+            "HALFLABEL_REDIS_URL": private_redis.url,
+            "HALFLABEL_QUEUE_PREFIX": "outage",
+            "HALFLABEL_PUSH_BUFFER_SIZE": "2",
+        },
+        tmp_path / "service.log",
+    )
+    uncertain = [grey_png(level) for level in (124, 128, 132)]
+    try:
+        private_redis.stop()
+        with service.client() as http:
+            answers = [http.post("/v1/predict", content=image, headers=PNG) for image in uncertain]
+            during = http.get("/metrics").text
+        private_redis.start()
+        keys, client = QueueKeys("outage"), redis.Redis.from_url(private_redis.url)
+        queued = [a.json()["predictions"][0] for a in answers if a.status_code == 200]
+        ids = [p["input_sha256"] for p in queued if p["queued_for_labelling"]]
+        deadline = time.monotonic() + 15
+        while client.zcard(keys.pending) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pending = {member.decode() for member in client.zrange(keys.pending, 0, -1)}
+    finally:
+        stop_service(service)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    # The buffer holds two tasks; the third overflows, is reported as not queued, and counted.
+    assert [p["queued_for_labelling"] for p in queued] == [True, True, False]
+    assert metric(during, "halflabel_labelling_push_dropped_total") == 1
+    assert metric(during, "halflabel_labelling_push_failures_total") >= 1
+    assert pending == set(ids)

@@ -1,0 +1,5 @@
+"""`python -m trainer` is `halflabel-train`."""
+
+from trainer.cli import main
+
+main()

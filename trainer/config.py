@@ -1,0 +1,40 @@
+"""Training configuration: `HALFLABEL_TRAIN_*` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Backbone = Literal["resnet18", "resnet34", "resnet50"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class TrainConfig(BaseSettings):
+    """Every knob of the pipeline; each stage can be switched off by setting its budget to 0."""
+
+    model_config = SettingsConfigDict(env_prefix="HALFLABEL_TRAIN_", frozen=True)
+
+    backbone: Backbone = "resnet18"
+    weights: str = Field("none", description="imagenet, a checkpoint PATH, or none")
+    device: Device = "auto"
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores")
+    batch_size: int = Field(64, ge=2)
+    learning_rate: float = Field(0.05, gt=0)
+    pretrain_steps: int = Field(0, ge=0, description="SimCLR steps; used only without weights")
+    supervised_steps: int = Field(150, ge=0)
+    spreading: bool = True
+    spreading_neighbors: int = Field(10, ge=1)
+    spreading_alpha: float = Field(0.99, gt=0, lt=1)
+    pseudo_steps: int = Field(150, ge=0, description="training on the spread pseudo-labels")
+    refine_steps: int = Field(0, ge=0, description="FixMatch + FlexMatch refinement steps")
+    confidence_threshold: float = Field(0.95, gt=0, lt=1, description="FixMatch's tau")
+    unlabeled_ratio: int = Field(2, ge=1, description="unlabeled per labeled image in a batch")
+    calibration_fraction: float = Field(0.2, ge=0, lt=1)
+    target_confident_accuracy: float = Field(0.95, gt=0, le=1)
+    min_queue_fraction: float = Field(0.1, ge=0, le=1)
+    fp16: bool = False
+    horizontal_flip: bool = Field(False, description="flip augmentation (off for digits)")
+    progress: bool = True

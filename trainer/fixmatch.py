@@ -1,0 +1,83 @@
+"""Pseudo-label refinement: FixMatch consistency training with FlexMatch class thresholds.
+
+Each step, the model labels weakly augmented unlabeled images; where it is confident enough for
+that class, it must give the same label to a strongly augmented copy (Sohn et al., 2020).
+FlexMatch (Zhang et al., 2021) lowers the bar for classes the model has learnt less of: the
+threshold of class c is tau * M(beta_c), beta_c = how many images are confidently c, relative
+to the best-learnt class, M(x) = x / (2 - x). The per-image records start from the spread labels
+(the confident half of them), so the thresholds mean something from the first step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.augment import strong, weak
+from trainer.config import TrainConfig
+from trainer.optimise import optimise, sample_batch
+from trainer.runtime import Runtime
+
+UNUSED = -1
+
+
+class FlexMatchThresholds:
+    """Per-class confidence thresholds from the per-image record of confident predictions."""
+
+    def __init__(self, seed_labels: np.ndarray, num_classes: int, tau: float) -> None:
+        self.records = torch.as_tensor(seed_labels, dtype=torch.int64).clone()
+        self.num_classes = num_classes
+        self.tau = tau
+
+    @classmethod
+    def from_spread_labels(cls, labels: np.ndarray, confidence: np.ndarray, num_classes: int,
+                           tau: float) -> FlexMatchThresholds:
+        """Seed with the spread labels at or above the median confidence; the rest unused."""
+        seeds = np.where(confidence >= np.median(confidence), labels, UNUSED)
+        return cls(seeds, num_classes, tau)
+
+    def thresholds(self) -> torch.Tensor:
+        used = self.records[self.records != UNUSED]
+        learnt = torch.bincount(used, minlength=self.num_classes).float()
+        unused = float(len(self.records) - len(used))
+        beta = learnt / max(float(learnt.max()), unused, 1.0)
+        return self.tau * beta / (2 - beta)
+
+    def update(self, indices: torch.Tensor, confidence: torch.Tensor,
+               predicted: torch.Tensor) -> None:
+        confident = confidence > self.tau
+        self.records[indices[confident].cpu()] = predicted[confident].cpu()
+
+
+def refine(
+    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor,
+    thresholds: FlexMatchThresholds, config: TrainConfig, runtime: Runtime,
+) -> dict[str, float]:
+    """`config.refine_steps` FixMatch steps; returns the share of pool images last used."""
+    generator = runtime.generator("refine")
+    flip = config.horizontal_flip
+    pool_batch = config.batch_size * config.unlabeled_ratio
+    used = []
+
+    def step_loss(module: nn.Module, step: int) -> torch.Tensor:
+        known = sample_batch(config.batch_size, len(labels), generator).to(images.device)
+        unknown = sample_batch(pool_batch, len(pool), generator)
+        unlabeled = pool[unknown.to(pool.device)]
+        inputs = torch.cat([weak(images[known], flip, generator), weak(unlabeled, flip, generator),
+                            strong(unlabeled, flip, generator)])
+        logits = module(inputs)
+        labeled_logits, weak_logits, strong_logits = logits.split(
+            [len(known), pool_batch, pool_batch])
+        with torch.no_grad():
+            confidence, guessed = torch.softmax(weak_logits.float(), dim=1).max(dim=1)
+            mask = (confidence > thresholds.thresholds().to(confidence.device)[guessed]).float()
+            thresholds.update(unknown, confidence, guessed)
+        used.append(float(mask.mean()))
+        consistency = F.cross_entropy(strong_logits, guessed, reduction="none") * mask
+        return F.cross_entropy(labeled_logits, labels[known]) + consistency.mean()
+
+    optimise(classifier, step_loss, config.refine_steps, config.learning_rate, runtime,
+             "refine (FixMatch)")
+    return {"mask_rate_last_100": float(np.mean(used[-100:])) if used else 0.0}
