@@ -26,16 +26,17 @@ from resnet_classifier import resnet18_classifier  # noqa: E402
 def serve(weights: Path, manifest_path: Path, port: int, threads: int) -> None:
     torch.set_num_threads(threads)
     manifest = Manifest.model_validate_json(manifest_path.read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = resnet18_classifier(len(manifest.classes))
     model.load_state_dict(torch.load(weights))
-    model.eval()
+    model.to(device).eval()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            image = torch.from_numpy(preprocess(body, manifest.input))[None]
+            image = torch.from_numpy(preprocess(body, manifest.input))[None].to(device)
             with torch.inference_mode():
-                probabilities, entropy = model(image)
+                probabilities, entropy = (output.cpu() for output in model(image))
             best = int(probabilities[0].argmax())
             answer = json.dumps({
                 "label": manifest.classes[best],

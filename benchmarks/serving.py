@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,10 @@ from typing import IO, Annotated
 
 import httpx
 import numpy as np
+import onnx
 import torch
 import typer
+from onnxruntime.transformers.float16 import convert_float_to_float16
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -53,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGENET_SPEC = InputSpec(height=224, width=224, channels=3, color_mode="RGB",
                           mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 RESNET_CLASSES = 1000
-console = Console()
+console = Console(width=150)
 app = typer.Typer(add_completion=False)
 
 
@@ -205,7 +208,8 @@ def measure(
         naive_url = servers.enter_context(start_naive(naive_weights, artifact, threads)) if (
             naive_weights) else None
         for round_ in range(1, rounds + 1):
-            console.print(f"  round {round_}/{rounds}: raw (batch {best}), HTTP, naive")
+            naive_part = ", naive" if naive_url else ""
+            console.print(f"  round {round_}/{rounds}: raw (batch {best}), HTTP{naive_part}")
             figures.raw.append(
                 raw_throughput(artifact, image.read_bytes(), threads, [best], seconds)[best])
             cpu_before = cpu_seconds(service_pid)
@@ -257,18 +261,24 @@ def start_naive(weights: Path, artifact: Artifact, threads: int) -> Iterator[str
         yield url
 
 
-def publish_resnet18(repo: ModelRepository, workdir: Path) -> tuple[Artifact, Path]:
-    """Export ResNet-18 224x224 to ONNX, publish it, and keep its weights for the baseline."""
+def publish_resnet18(
+    repo: ModelRepository, workdir: Path, fp16: bool
+) -> tuple[list[Artifact], Path]:
+    """Export ResNet-18 224x224 to ONNX and publish it (plus an FP16 variant when `fp16`);
+    also return its weights for the naive baseline."""
     model = resnet18_classifier(RESNET_CLASSES).eval()
     weights = workdir / "resnet18.pt"
     torch.save(model.state_dict(), weights)
     onnx_path = workdir / "resnet18.onnx"
-    torch.onnx.export(
-        model, (torch.zeros(2, 3, 224, 224),), onnx_path,
-        input_names=["image"], output_names=["probabilities", "entropy"],
-        dynamic_axes={"image": {0: "N"}, "probabilities": {0: "N"}, "entropy": {0: "N"}},
-        opset_version=18, dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but quick and quiet for a plain CNN.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (torch.zeros(2, 3, 224, 224),), onnx_path,
+            input_names=["image"], output_names=["probabilities", "entropy"],
+            dynamic_axes={"image": {0: "N"}, "probabilities": {0: "N"}, "entropy": {0: "N"}},
+            opset_version=18, dynamo=False,
+        )
     draft = ManifestDraft(
         classes=tuple(f"class-{i}" for i in range(RESNET_CLASSES)), input=IMAGENET_SPEC,
         opset=18, metrics=Metrics(accuracy=0, n_test=0, split="none (random weights)"),
@@ -276,7 +286,14 @@ def publish_resnet18(repo: ModelRepository, workdir: Path) -> tuple[Artifact, Pa
         training=TrainingSummary(labelled=0, pseudo_labelled=0, data="none",
                                  data_fingerprint="0" * 64, seed=0, backbone="resnet18"),
     )
-    return repo.publish("resnet18", onnx_path, draft), weights
+    artifacts = [repo.publish("resnet18", onnx_path, draft)]
+    if fp16:
+        fp16_path = workdir / "resnet18.fp16.onnx"
+        half = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+        onnx.save(half, str(fp16_path))
+        artifacts.append(
+            repo.publish("resnet18-fp16", onnx_path, draft, fp16_onnx_file=fp16_path))
+    return artifacts, weights
 
 
 def photo_like_jpeg(path: Path) -> Path:
@@ -347,17 +364,23 @@ def main(
         console.print(f"error: no model {small_model!r} in {small.root}; run 'make serve' once "
                       "(it trains one) or pass --small-model-dir")
         raise typer.Exit(1)
+    # On a GPU the service serves the FP16 artifact of `resnet18-fp16`, and batches pay off.
+    gpu = torch.cuda.is_available()
+    resnet_batches = [1, 2, 4, 8, 16, 32, 64, 128, 256] if gpu else [1, 2, 4, 8, 16, 32]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        artifact, weights = publish_resnet18(ModelRepository(workdir / "store"), workdir)
+        artifacts, weights = publish_resnet18(ModelRepository(workdir / "store"), workdir, gpu)
         image = photo_like_jpeg(workdir / "photo.jpg")
-        resnet = measure(artifact, image, "image/jpeg", threads, [1, 2, 4, 8, 16, 32], seconds,
-                         rounds, naive_weights=weights)
+        figures = [
+            measure(artifact, image, "image/jpeg", threads, resnet_batches, seconds, rounds,
+                    naive_weights=weights if artifact.manifest.name == "resnet18" else None)
+            for artifact in artifacts
+        ]
         digit = workdir / "digit.png"
         digit.write_bytes((ROOT / "docs" / "example-digit.png").read_bytes())
-        small_figures = measure(small.resolve(small_model), digit, "image/png", threads,
-                                [1, 4, 16, 64, 256], seconds, rounds)
-    report([resnet, small_figures], threads, seconds, rounds)
+        figures.append(measure(small.resolve(small_model), digit, "image/png", threads,
+                               [1, 4, 16, 64, 256], seconds, rounds))
+    report(figures, threads, seconds, rounds)
 
 
 if __name__ == "__main__":

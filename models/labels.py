@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from typing import cast
 
 import redis
 from pydantic import BaseModel
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from models.queue import DEFAULT_PREFIX, QueueKeys, TaskRecord
 
 TRAINER_GROUP = "trainer"
+Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns it
 _BATCH = 500
 
 
@@ -49,7 +51,9 @@ class LabelStore:
     def all(self) -> Iterator[LabelRecord]:
         """Every entry, oldest first."""
         start = "-"
-        while entries := self.client.xrange(self.stream, min=start, count=_BATCH):
+        while entries := cast(
+            list[Entry], self.client.xrange(self.stream, min=start, count=_BATCH)
+        ):
             yield from map(_parse, entries)
             start = "(" + entries[-1][0].decode()
 
@@ -58,8 +62,9 @@ class LabelStore:
         and never acknowledged (it crashed), then new ones."""
         self._ensure_group()
         records = self._take_over_pending(consumer)
-        while batch := self.client.xreadgroup(
-            self.group, consumer, {self.stream: ">"}, count=_BATCH
+        while batch := cast(
+            list[tuple[bytes, list[Entry]]],
+            self.client.xreadgroup(self.group, consumer, {self.stream: ">"}, count=_BATCH),
         ):
             records += map(_parse, batch[0][1])
         return records
@@ -88,7 +93,7 @@ class LabelStore:
                 return records
 
 
-def _parse(entry: tuple[bytes, dict[bytes, bytes]]) -> LabelRecord:
+def _parse(entry: Entry) -> LabelRecord:
     entry_id, raw = entry
     fields = {key.decode(): value for key, value in raw.items()}
     return LabelRecord(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import cast
 
 import redis
 from pydantic import BaseModel, Field
@@ -254,8 +255,8 @@ class LabellingQueue:
         """Queue an input; True if it is a new task, False if it raised a known one's hit count."""
         keys = [self.keys.pending, self.keys.task(record.id), self.keys.image(record.id)]
         keys += [self.keys.wakeup, self.keys.counters]
-        args = [record.id, record.normalized_entropy, record.model_dump_json(), image]
-        args += [IMAGE_TTL_SECONDS, self.max_tasks, self.keys.base]
+        args: list[str | bytes | float] = [record.id, record.normalized_entropy]
+        args += [record.model_dump_json(), image, IMAGE_TTL_SECONDS, self.max_tasks, self.keys.base]
         return bool(self._push(keys=keys, args=args))
 
     def claim(self, labeller: str, limit: int = 1) -> list[Task]:
@@ -284,7 +285,7 @@ class LabellingQueue:
 
     def task(self, task_id: str) -> Task | None:
         """The stored task, or None if there is no such task."""
-        raw = self.client.hgetall(self.keys.task(task_id))
+        raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.task(task_id)))
         fields = {key.decode(): value.decode() for key, value in raw.items()}
         if "record" not in fields:
             return None
@@ -334,7 +335,9 @@ class LabellingQueue:
     def stats(self) -> QueueStats:
         """Queue depth, claims in flight, and lifetime counters."""
         with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.keys.pending).zcard(self.keys.leases).hgetall(self.keys.counters)
+            pipe.zcard(self.keys.pending)
+            pipe.zcard(self.keys.leases)
+            pipe.hgetall(self.keys.counters)
             pending, claimed, counters = pipe.execute()
         counts = {k.decode(): int(v) for k, v in counters.items()}
         return QueueStats(
@@ -347,9 +350,11 @@ class LabellingQueue:
         )
 
     def _seconds_to_next_lease_expiry(self) -> float:
-        earliest = self.client.zrange(self.keys.leases, 0, 0, withscores=True)
+        earliest = cast(
+            list[tuple[bytes, float]], self.client.zrange(self.keys.leases, 0, 0, withscores=True)
+        )
         if not earliest:
             return float("inf")
         server_seconds, micros = self.client.time()
-        now_ms = server_seconds * 1000 + micros / 1000
+        now_ms = int(server_seconds) * 1000 + int(micros) / 1000
         return max((earliest[0][1] - now_ms) / 1000, 0.0)

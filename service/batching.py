@@ -1,8 +1,9 @@
 """Dynamic batching across concurrent requests, with Triton's knobs.
 
-Inputs wait in a bounded queue; a worker takes up to `max_batch_size` of them, waiting at most
+Inputs wait in a queue; a worker takes up to `max_batch_size` of them, waiting at most
 `max_queue_delay_s` after the first for more, and runs the batch on a thread so the event loop
-keeps accepting requests meanwhile.
+keeps accepting requests meanwhile. At most `max_queue_size` inputs are held at once, queued or
+in a batch; a request that would exceed that is refused at once (503), so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from service.engine import Outputs
 
 class ServerBusyError(HalflabelError):
     """The batching queue is full: the client should retry later."""
+
+
+class TooManyInputsError(HalflabelError):
+    """One request carries more inputs than the queue can ever hold."""
 
 
 class BatcherClosedError(HalflabelError):
@@ -51,7 +56,9 @@ class DynamicBatcher:
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue_size)
+        self.max_queue_size = max_queue_size
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._admitted = 0  # inputs taken and not yet answered, queued or in a batch
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -63,14 +70,23 @@ class DynamicBatcher:
         """Probabilities and entropy for each input array, batched with everyone else's."""
         if self._closed:
             raise BatcherClosedError("model was replaced; retry")
-        if self._queue.maxsize - self._queue.qsize() < len(arrays):
+        if len(arrays) > self.max_queue_size:
+            raise TooManyInputsError(
+                f"{len(arrays)} images in one request, over the queue's {self.max_queue_size}; "
+                "send fewer per request"
+            )
+        if self._admitted + len(arrays) > self.max_queue_size:
             metrics.REJECTED_INPUTS.inc(len(arrays))
             raise ServerBusyError("the inference queue is full; retry after a short wait")
         loop = asyncio.get_running_loop()
         pending = [_Pending(array, loop.create_future()) for array in arrays]
         for item in pending:
             self._queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in pending)))
+        self._admitted += len(pending)
+        try:
+            return list(await asyncio.gather(*(item.future for item in pending)))
+        finally:
+            self._admitted -= len(pending)
 
     async def close(self) -> None:
         """Stop taking inputs, answer those already queued, then stop the worker."""

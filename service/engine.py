@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.errors import HalflabelError, InvalidArtifactError
-from models.repository import Artifact
+from models.repository import FP16_MODEL_FILE, Artifact
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ class OnnxModel:
         intra_op_threads: int = 0,
     ) -> None:
         self.manifest = artifact.manifest
-        self.session = _open_session(artifact, device, intra_op_threads)
+        self.session, self.path = _open_session(artifact, device, intra_op_threads)
         self.provider = self.session.get_providers()[0]
+        self.precision = "fp16" if self.path.name == FP16_MODEL_FILE else "fp32"
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.input_dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
@@ -50,10 +51,6 @@ class OnnxModel:
         self.output_names = [outputs.probabilities, outputs.entropy]
         log.info("%s v%d runs on %s (%s)", self.manifest.name, self.manifest.version,
                  self.provider, self.precision)
-
-    @property
-    def precision(self) -> str:
-        return "fp16" if self.input_dtype == np.float16 else "fp32"
 
     def run(self, batch: np.ndarray) -> Outputs:
         """Run a float32 batch (N, C, H, W) through the model."""
@@ -77,29 +74,35 @@ class OnnxModel:
     def warm_up(self, max_batch_size: int) -> None:
         """Run the batch sizes the batcher will send once, so first requests are not slow."""
         spec = self.manifest.input
-        for size in sorted({1, max_batch_size}):
-            self.run(np.zeros((size, spec.channels, spec.height, spec.width), np.float32))
+        try:
+            for size in sorted({1, max_batch_size}):
+                self.run(np.zeros((size, spec.channels, spec.height, spec.width), np.float32))
+        except Exception as exc:  # e.g. the graph's input shape differs from the manifest's
+            raise InvalidArtifactError(
+                f"{self.path} fails on a warm-up batch: {exc}; republish this version"
+            ) from exc
 
 
 def _open_session(
     artifact: Artifact, device: str, intra_op_threads: int
-) -> ort.InferenceSession:
+) -> tuple[ort.InferenceSession, Path]:
+    """A session on the GPU (FP16 file when there is one) if asked or present, else on CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if device == "cuda" or (device == "auto" and _nvidia_device_present()):
-        # The FP16 artifact only pays off on a GPU; on CPU it would be slower and less exact.
+        # The FP16 file only pays off on a GPU; on CPU it would be slower and less exact.
         path = artifact.fp16_onnx_path or artifact.onnx_path
         session = _load(path, options, [CUDA, CPU])
-        # onnxruntime-gpu lists CUDA even without a GPU; ORT then silently falls back to CPU.
+        # Without a usable GPU (driver, CUDA libraries), ORT silently falls back to CPU.
         if session.get_providers()[0] == CUDA:
-            return session
+            return session, path
     if device == "cuda":
         raise DeviceUnavailableError(
             "HALFLABEL_DEVICE=cuda but ONNX Runtime cannot use a GPU here; "
             "check the CUDA install or use HALFLABEL_DEVICE=auto"
         )
-    return _load(artifact.onnx_path, options, [CPU])
+    return _load(artifact.onnx_path, options, [CPU]), artifact.onnx_path
 
 
 def _nvidia_device_present() -> bool:

@@ -13,6 +13,7 @@ import io
 import mimetypes
 import re
 import zipfile
+from collections.abc import Iterator
 from datetime import datetime
 from functools import lru_cache
 from http import HTTPStatus
@@ -26,6 +27,8 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.params import Parameter
 from litestar.static_files import create_static_files_router
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -81,9 +84,12 @@ class ClaimResponse(BaseModel):
     tasks: list[TaskView]
 
 
+LabellerName = Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class LabelRequest(BaseModel):
     label: str
-    labeller: str = "anonymous"
+    labeller: LabellerName = "anonymous"
 
 
 class LabelResponse(BaseModel):
@@ -93,7 +99,7 @@ class LabelResponse(BaseModel):
 
 
 class ReleaseRequest(BaseModel):
-    labeller: str = "anonymous"
+    labeller: LabellerName = "anonymous"
 
 
 class ReleaseResponse(BaseModel):
@@ -285,6 +291,32 @@ def _label_studio_task(record: LabelRecord) -> dict:
         ],
         "predictions": [prediction],
     }
+
+
+class QueueMetrics(Collector):
+    """Prometheus metrics read from the queue at scrape time, so every replica reports the
+    shared queue. Register once per process: `REGISTRY.register(QueueMetrics(queue))`."""
+
+    def __init__(self, queue: LabellingQueue) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.queue.stats()
+        except redis.RedisError:
+            return  # an outage shows as missing series, not as a failed scrape
+        tasks = GaugeMetricFamily(
+            "halflabel_labelling_tasks", "Labelling tasks by state", labels=["state"]
+        )
+        tasks.add_metric(["pending"], stats.pending)
+        tasks.add_metric(["claimed"], stats.claimed)
+        yield tasks
+        for name, value, meaning in (
+            ("labelled", stats.labelled, "Tasks labelled"),
+            ("dropped", stats.dropped, "Tasks dropped because the queue was full"),
+            ("lease_expired", stats.lease_expired, "Claims whose lease ran out unlabelled"),
+        ):
+            yield CounterMetricFamily(f"halflabel_labelling_{name}", meaning, value=value)
 
 
 def _redis_unavailable(_: Request, exc: redis.RedisError) -> Response[dict[str, object]]:

@@ -90,7 +90,10 @@ class ModelHost:
             return
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # e.g. the repository is unreadable for a while: keep polling
+                log.exception("looking for a new version failed; will look again")
 
     async def refresh(self) -> None:
         """Swap to the latest version if it is newer than the served one and loads cleanly."""

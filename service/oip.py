@@ -14,8 +14,9 @@ from pydantic import BaseModel, Field
 from models.preprocessing import uint8_to_array
 from service.model_host import ModelHost, ServedModel
 from service.predictor import Predictor
-from service.problems import problem
 from service.security import requires_scope
+
+SERVER_VERSION = "1"
 
 
 class InferInput(BaseModel):
@@ -49,6 +50,12 @@ class InferResponse(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[InferOutput]
+
+
+@get("/")
+async def server_metadata() -> dict[str, object]:
+    """OIP server metadata."""
+    return {"name": "halflabel", "version": SERVER_VERSION, "extensions": []}
 
 
 @get("/health/live")
@@ -93,40 +100,36 @@ async def model_metadata(state: State, name: str) -> dict[str, object]:
 
 
 @get("/models/{name:str}/ready")
-async def model_ready(state: State, name: str) -> Response[dict[str, object]]:
-    """Whether `name` is loaded and warm."""
-    host: ModelHost = state.model_host
-    if not host.ready:
-        return problem(503, f"model {name!r} is still loading; retry shortly")
-    host.serving(name)
-    return Response({"name": name, "ready": True})
+async def model_ready(state: State, name: str) -> dict[str, object]:
+    """Whether `name` is loaded and warm (404 when it is not served here)."""
+    state.model_host.serving(name)
+    return {"name": name, "ready": True}
 
 
 @post("/models/{name:str}/infer", status_code=200, guards=[requires_scope("predict")])
 async def infer(state: State, name: str, data: InferRequest) -> InferResponse:
     """Run the served model on one input tensor (batched with concurrent requests)."""
     predictor: Predictor = state.predictor
-    tensor = data.inputs[0]
 
     async def infer_with(served: ServedModel) -> InferResponse:
-        arrays = await asyncio.to_thread(_input_arrays, tensor, served)
-        rows = await served.batcher.infer(arrays)
         names = served.manifest.outputs
-        available = {
+        available = (names.probabilities, names.entropy)
+        wanted = [output.name for output in data.outputs or []] or list(available)
+        unknown = sorted(set(wanted) - set(available))
+        if unknown:
+            choices = " or ".join(available)
+            raise ClientException(f"unknown output {unknown[0]!r}: ask for {choices}")
+        arrays = await asyncio.to_thread(_input_arrays, data.inputs[0], served)
+        rows = await served.batcher.infer(arrays)
+        values = {
             names.probabilities: np.stack([probabilities for probabilities, _ in rows]),
             names.entropy: np.asarray([entropy for _, entropy in rows], np.float32),
         }
-        wanted = [output.name for output in data.outputs] if data.outputs else list(available)
-        unknown = set(wanted) - set(available)
-        if unknown:
-            raise ClientException(
-                f"unknown output {sorted(unknown)[0]!r}: ask for {' or '.join(available)}"
-            )
         return InferResponse(
             model_name=served.manifest.name,
             model_version=str(served.manifest.version),
             id=data.id,
-            outputs=[_output(output, available[output]) for output in wanted],
+            outputs=[_output(output, values[output]) for output in wanted],
         )
 
     return await predictor.with_served(name, None, infer_with)
@@ -157,4 +160,6 @@ def _output(name: str, values: np.ndarray) -> InferOutput:
     return InferOutput(name=name, shape=list(values.shape), data=values.ravel().tolist())
 
 
-v2_router = Router("/v2", route_handlers=[live, ready, model_ready, model_metadata, infer])
+v2_router = Router(
+    "/v2", route_handlers=[server_metadata, live, ready, model_ready, model_metadata, infer]
+)

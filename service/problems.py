@@ -10,7 +10,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
 from models.errors import HalflabelError, InvalidImageError, ModelNotFoundError
-from service.batching import BatcherClosedError, ServerBusyError
+from service.batching import BatcherClosedError, ServerBusyError, TooManyInputsError
 from service.predictor import RequestTimeoutError
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ _STATUS_OF: dict[type[HalflabelError], HTTPStatus] = {
     ModelNotFoundError: HTTPStatus.NOT_FOUND,
     InvalidImageError: HTTPStatus.UNPROCESSABLE_ENTITY,
     ServerBusyError: HTTPStatus.SERVICE_UNAVAILABLE,
+    TooManyInputsError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     BatcherClosedError: HTTPStatus.SERVICE_UNAVAILABLE,
     RequestTimeoutError: HTTPStatus.GATEWAY_TIMEOUT,
 }

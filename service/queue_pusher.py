@@ -30,6 +30,7 @@ class QueuePusher:
         self.retry_interval_s = retry_interval_s
         self._buffer: deque[tuple[TaskRecord, bytes]] = deque()
         self._ready = asyncio.Event()
+        self._failing = False
 
     def offer(self, record: TaskRecord, image: bytes) -> bool:
         """Buffer a task for pushing; False (and counted) when the buffer is full."""
@@ -46,15 +47,27 @@ class QueuePusher:
         while True:
             await self._ready.wait()
             while self._buffer:
-                record, image = self._buffer[0]
-                try:
-                    # LabellingQueue is synchronous; a thread keeps the event loop free.
-                    await asyncio.to_thread(self.queue.push, record, image)
-                except RedisError as exc:
-                    metrics.QUEUE_PUSH_FAILURES.inc()
-                    log.warning("labelling queue push failed, will retry: %s", exc)
+                if not await self._push_oldest():
                     await asyncio.sleep(self.retry_interval_s)
-                    continue
-                self._buffer.popleft()
-                metrics.QUEUE_PUSH_BUFFERED.set(len(self._buffer))
             self._ready.clear()
+
+    async def _push_oldest(self) -> bool:
+        record, image = self._buffer[0]
+        try:
+            # LabellingQueue is synchronous; a thread keeps the event loop free.
+            await asyncio.to_thread(self.queue.push, record, image)
+        except RedisError as exc:
+            metrics.QUEUE_PUSH_FAILURES.inc()
+            if not self._failing:  # once per outage, not once per retry
+                log.warning("labelling queue unreachable, buffering its tasks: %s", exc)
+            self._failing = True
+            return False
+        except Exception:  # a task the queue refuses would otherwise block all later ones
+            log.exception("dropping a labelling task the queue refused")
+            metrics.QUEUE_PUSH_DROPPED.inc()
+        if self._failing:
+            log.warning("labelling queue reachable again, pushing the buffered tasks")
+        self._failing = False
+        self._buffer.popleft()
+        metrics.QUEUE_PUSH_BUFFERED.set(len(self._buffer))
+        return True

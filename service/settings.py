@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads; 0 = cores")
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
-    max_queue_size: int = Field(default=1024, ge=1, description="Inputs waiting; more → 503")
+    max_queue_size: int = Field(default=1024, ge=1, description="Inputs held at once; more → 503")
     request_timeout_s: float = Field(default=30.0, gt=0)
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_prefix: str = DEFAULT_PREFIX

@@ -184,3 +184,15 @@ def test_snapshots_are_numbered_cumulative_and_only_new_when_labels_are(
     for item, (png, label) in zip(second.items, pngs, strict=True):
         assert (tmp_path / item.image).read_bytes() == png and item.label == label
     assert latest_snapshot(tmp_path) == second
+
+
+def test_labels_stay_unacknowledged_when_the_snapshot_cannot_be_written(
+    queue_prefix: str, tmp_path: Path
+) -> None:
+    store = LabelStore(redis.Redis.from_url(REDIS_URL), queue_prefix)
+    label_directly(queue_prefix, digit_pngs(2))
+    (tmp_path / "images").write_text("a file where the images folder should be")
+    with pytest.raises(OSError):
+        take_snapshot(store, tmp_path)
+    assert latest_snapshot(tmp_path).version == 0
+    assert len(store.unacknowledged("next-run")) == 2

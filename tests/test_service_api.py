@@ -20,7 +20,7 @@ from conftest import (
     tiny_onnx_model,
 )
 
-from models.queue import QueueKeys
+from models.queue import LabellingQueue, QueueKeys
 from models.repository import ModelRepository
 
 PNG = {"Content-Type": "image/png"}
@@ -73,6 +73,13 @@ def test_uncertain_input_is_queued_with_its_image(
     assert wait_for_key(client, keys.task(task_id)), "the task never reached Redis"
     assert client.get(keys.image(task_id)) == image
     assert client.zscore(keys.pending, task_id) == pytest.approx(prediction["normalized_entropy"])
+    task = LabellingQueue(client, queue_prefix).task(task_id)
+    assert task is not None
+    record = task.record
+    assert (record.model_name, record.model_version) == ("tiny", 1)
+    assert record.content_type == "image/png"
+    assert record.entropy == pytest.approx(prediction["entropy"])
+    assert [guess.label for guess in record.guesses] == ["light", "dark"]  # all classes, top_k=1
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +164,7 @@ def test_health_schema_and_first_request_hint(shared_service: LiveService) -> No
 
 def test_oip_metadata_and_readiness(shared_service: LiveService) -> None:
     with shared_service.client() as http:
+        assert http.get("/v2").json()["name"] == "halflabel"
         metadata = http.get("/v2/models/tiny").json()
         assert http.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
         assert http.get("/v2/models/other").status_code == 404
@@ -208,6 +216,15 @@ def test_oip_infer_refuses_malformed_tensors(
         response = http.post("/v2/models/tiny/infer", json={"inputs": [tensor]})
     assert response.status_code == 400, response.text
     assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_oip_infer_refuses_unknown_outputs(shared_service: LiveService) -> None:
+    tensor = {"name": "image", "shape": [1, 4, 4], "datatype": "UINT8", "data": [0] * 16}
+    with shared_service.client() as http:
+        response = http.post("/v2/models/tiny/infer",
+                             json={"inputs": [tensor], "outputs": [{"name": "logits"}]})
+    assert response.status_code == 400, response.text
+    assert "unknown output 'logits'" in response.json()["detail"]
 
 
 def test_metrics_count_requests_batches_and_uncertainty(shared_service: LiveService) -> None:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LiveService, grey_png, start_service, stop_service, tiny_draft, tiny_onnx_model
+from conftest import (
+    TINY_SPEC,
+    LiveService,
+    grey_png,
+    start_service,
+    stop_service,
+    tiny_draft,
+    tiny_onnx_model,
+)
 
 from models.repository import MODEL_FILE, ModelRepository
 from service.batching import DynamicBatcher
@@ -65,19 +73,27 @@ def test_concurrent_inputs_are_batched_and_each_gets_its_own_answer(
 def test_full_queue_answers_503_with_retry_after(
     model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
 ) -> None:
-    service = start_service(tiny_env(model_repo, queue_prefix, max_queue_size="1"),
-                            tmp_path / "service.log")
-    files = [("file", (f"{i}.png", grey_png(0), "image/png")) for i in range(2)]
+    # A lone input waits up to 1 s for its batch to fill, holding one of the two queue places.
+    env = tiny_env(model_repo, queue_prefix, max_queue_size="2", max_batch_size="8",
+                   max_queue_delay_ms="1000")
+    service = start_service(env, tmp_path / "service.log")
+    two, three = ([("file", (f"{i}.png", grey_png(0), "image/png")) for i in range(n)]
+                  for n in (2, 3))
     try:
-        with service.client() as http:
-            busy = http.post("/v1/predict", files=files)
-            single = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+        with service.client() as http, ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.post, "/v1/predict", content=grey_png(0), headers=PNG)
+            time.sleep(0.5)
+            busy = http.post("/v1/predict", files=two)
+            too_many = http.post("/v1/predict", files=three)
+            assert waiting.result().status_code == 200
+            later = http.post("/v1/predict", files=two)
     finally:
         stop_service(service)
     assert busy.status_code == 503, busy.text
     assert busy.headers["retry-after"] == "1"
     assert busy.headers["content-type"] == "application/problem+json"
-    assert single.status_code == 200
+    assert too_many.status_code == 413 and "send fewer" in too_many.json()["detail"]
+    assert later.status_code == 200
 
 
 def test_slow_request_times_out_with_504(
@@ -112,7 +128,7 @@ def versions_answering(service: LiveService, stop: threading.Event, seen: list[i
             seen.append(response.json()["version"] if response.status_code == 200 else -1)
 
 
-def test_new_version_swaps_in_without_failing_requests_and_tampered_one_is_refused(
+def test_new_version_swaps_in_without_failing_requests_and_broken_ones_are_refused(
     model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
 ) -> None:
     service = start_service(tiny_env(model_repo, queue_prefix, poll_interval_s="0.1"),
@@ -128,6 +144,11 @@ def test_new_version_swaps_in_without_failing_requests_and_tampered_one_is_refus
             time.sleep(0.05)
         tampered = publish_tampered(model_repo, tmp_path)
         time.sleep(1.0)  # ten polls
+        # Verifies, but its graph takes 4x4 images while its manifest promises 8x8.
+        wrong_spec = tiny_draft().model_copy(update={"input": TINY_SPEC.model_copy(
+            update={"height": 8, "width": 8})})
+        broken = model_repo.publish("tiny", tiny_onnx_model(tmp_path / "v4.onnx"), wrong_spec)
+        time.sleep(1.0)
         stop.set()
         load.join()
         with service.client() as http:
@@ -140,8 +161,10 @@ def test_new_version_swaps_in_without_failing_requests_and_tampered_one_is_refus
     assert seen[0] == 1 and 2 in seen
     assert seen == sorted(seen), "an old version answered after the new one"
     assert after == 2
-    assert 'halflabel_model_load_failures_total{model="tiny"} 1.0' in metrics
-    assert f"refused version {tampered}" in service.log.read_text()
+    assert 'halflabel_model_load_failures_total{model="tiny"} 2.0' in metrics
+    log = service.log.read_text()
+    assert f"refused version {tampered}" in log and "sha256" in log
+    assert f"refused version {broken.manifest.version}" in log and "warm-up" in log
 
 
 def test_tampered_model_at_start_exits_with_one_clear_line(model_repo: ModelRepository) -> None:
@@ -159,14 +182,18 @@ def test_tampered_model_at_start_exits_with_one_clear_line(model_repo: ModelRepo
     assert "Traceback" not in result.stderr
 
 
-def test_asking_for_a_gpu_where_there_is_none_is_one_clear_error(
-    model_repo: ModelRepository,
+def test_without_a_gpu_the_cpu_serves_the_fp32_file_and_cuda_is_one_clear_error(
+    model_repo: ModelRepository, tmp_path: Path
 ) -> None:
     if Path("/dev/nvidia0").exists():
         pytest.skip("this machine has a GPU")
+    onnx_file = tiny_onnx_model(tmp_path / "tiny.onnx")
+    artifact = model_repo.publish("tiny", onnx_file, tiny_draft(), fp16_onnx_file=onnx_file)
     with pytest.raises(DeviceUnavailableError, match="HALFLABEL_DEVICE=auto"):
-        OnnxModel(model_repo.resolve("tiny"), device="cuda")
-    assert OnnxModel(model_repo.resolve("tiny"), device="auto").provider == "CPUExecutionProvider"
+        OnnxModel(artifact, device="cuda")
+    model = OnnxModel(artifact, device="auto")
+    assert (model.provider, model.precision) == ("CPUExecutionProvider", "fp32")
+    assert model.path == artifact.onnx_path
 
 
 def test_pinned_version_stays_when_newer_ones_are_published(
@@ -187,3 +214,29 @@ def test_pinned_version_stays_when_newer_ones_are_published(
         stop_service(service)
     assert pinned.status_code == 200 and pinned.json()["version"] == 1
     assert newer.status_code == 404 and "HALFLABEL_MODEL_VERSION" in newer.json()["detail"]
+
+
+def test_concurrent_http_requests_share_batches_and_get_their_own_answers(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    env = tiny_env(model_repo, queue_prefix, max_queue_delay_ms="300", max_batch_size="8")
+    service = start_service(env, tmp_path / "service.log")
+    levels = [0, 255] * 4
+
+    def predict(level: int) -> str:
+        with service.client() as http:
+            response = http.post("/v1/predict", content=grey_png(level), headers=PNG)
+            return str(response.json()["predictions"][0]["label"])
+
+    try:
+        with ThreadPoolExecutor(len(levels)) as pool:
+            labels = list(pool.map(predict, levels))
+        with service.client() as http:
+            metrics = http.get("/metrics").text
+    finally:
+        stop_service(service)
+    assert labels == ["dark", "light"] * 4
+    sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+             if line.startswith("halflabel_batch_size_")}
+    assert sizes["halflabel_batch_size_sum"] == len(levels)
+    assert sizes["halflabel_batch_size_count"] < len(levels), "no two requests shared a batch"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +70,9 @@ def fit(
     supervised_steps: Annotated[int | None, typer.Option(min=0)] = None,
     pseudo_steps: Annotated[int | None, typer.Option(
         min=0, help="training steps on the spread pseudo-labels")] = None,
+    spreading_rounds: Annotated[int | None, typer.Option(
+        min=1, help="label spreading rounds, each on the embeddings the last one improved")
+    ] = None,
     refine_steps: Annotated[int | None, typer.Option(
         min=0, help="FixMatch/FlexMatch refinement steps")] = None,
     spreading: Annotated[bool | None, typer.Option(
@@ -172,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

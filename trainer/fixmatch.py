@@ -4,8 +4,9 @@ Each step, the model labels weakly augmented unlabeled images; where it is confi
 that class, it must give the same label to a strongly augmented copy (Sohn et al., 2020).
 FlexMatch (Zhang et al., 2021) lowers the bar for classes the model has learnt less of: the
 threshold of class c is tau * M(beta_c), beta_c = how many images are confidently c, relative
-to the best-learnt class, M(x) = x / (2 - x). The per-image records start from the spread labels
-(the confident half of them), so the thresholds mean something from the first step.
+to the best-learnt class, M(x) = x / (2 - x). The per-image records start from the spread labels,
+so the thresholds reflect label spreading's class balance from the first step instead of
+starting at zero (FlexMatch's warm-up, which accepts every guess at first).
 """
 
 from __future__ import annotations
@@ -31,14 +32,8 @@ class FlexMatchThresholds:
         self.num_classes = num_classes
         self.tau = tau
 
-    @classmethod
-    def from_spread_labels(cls, labels: np.ndarray, confidence: np.ndarray, num_classes: int,
-                           tau: float) -> FlexMatchThresholds:
-        """Seed with the spread labels at or above the median confidence; the rest unused."""
-        seeds = np.where(confidence >= np.median(confidence), labels, UNUSED)
-        return cls(seeds, num_classes, tau)
-
     def thresholds(self) -> torch.Tensor:
+        """tau * M(beta_c) for every class c."""
         used = self.records[self.records != UNUSED]
         learnt = torch.bincount(used, minlength=self.num_classes).float()
         unused = float(len(self.records) - len(used))
@@ -47,6 +42,7 @@ class FlexMatchThresholds:
 
     def update(self, indices: torch.Tensor, confidence: torch.Tensor,
                predicted: torch.Tensor) -> None:
+        """Record the predictions made with more than tau confidence."""
         confident = confidence > self.tau
         self.records[indices[confident].cpu()] = predicted[confident].cpu()
 

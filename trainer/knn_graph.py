@@ -1,10 +1,11 @@
 """k-nearest-neighbour graphs with faiss and the sparse affinities label spreading runs on.
 
-Search is exact (brute force, BLAS) up to `EXACT_SEARCH_MAX_SAMPLES` base points and
-IVF-style above it: k-means cells over the base points, and each query compares against the
-points of the `n_probe` cells nearest its own cell, so the work is a few dense matrix products
-per cell instead of one over all pairs. With a GPU (faiss-gpu) the products run there.
-Memory is O(n * d) for the features plus O(n * k) for the graph.
+Search is exact (brute force, BLAS) up to `EXACT_SEARCH_MAX_SAMPLES` base points and IVF
+above it: k-means cells over the base points (about sqrt(n) of them), each base point listed
+in its `n_probe` nearest cells, and each query compared with the points listed in its own
+nearest cell. The work is then one dense matrix product per cell instead of one over all
+pairs; cells are searched in parallel on faiss's thread count. With a GPU (faiss-gpu) the
+products run there. Memory is O(n * d) for the features plus O(n * k) for the graph.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class NeighbourIndex:
             min_points_per_centroid=1,
         )
         kmeans.train(base)
-        cells = _nearest_cells(base, kmeans.centroids, min(n_probe, n_cells), metric, progress)
-        return cls(base, metric, kmeans.centroids, cells)
+        centroids = np.asarray(kmeans.centroids, dtype=np.float32)
+        cells = _nearest_cells(base, centroids, min(n_probe, n_cells), metric, progress)
+        return cls(base, metric, centroids, cells)
 
     def search(
         self, queries: np.ndarray, k: int, exclude_self: bool = False, progress: bool = False
@@ -203,18 +205,21 @@ def _drop_self(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def edge_weights(scores: np.ndarray, metric: str, gamma: float) -> np.ndarray:
-    """Affinity of kNN edges: max(cos, 0)**gamma, or exp(-gamma d^2 / mean d^2) for euclidean.
+    """Affinity of each row's kNN edges (rows of `scores` as `NeighbourIndex.search` gives).
 
-    `gamma=0` gives plain connectivity (every edge weight 1). Missing edges (NaN) weigh 0.
+    Cosine: max(cos, 0)**gamma. Euclidean: exp(-gamma d^2 / d_k^2), d_k the row's distance
+    to its farthest listed neighbour (a local scale). `gamma=0` gives plain connectivity;
+    missing edges (NaN) weigh 0.
     """
     valid = ~np.isnan(scores)
+    scores = np.where(valid, scores, 0).astype(np.float64)
     if metric == "cosine":
-        weights = np.maximum(np.where(valid, scores, 0), 0) ** gamma
+        weights = np.maximum(scores, 0) ** gamma
     else:
-        distances = np.where(valid, np.maximum(scores, 0), 0)
-        scale = distances[valid].mean() if valid.any() else 1.0
-        weights = np.exp(-gamma * distances / (scale if scale > 0 else 1.0))
-    return np.where(valid, weights, 0).astype(np.float64)
+        distances = np.maximum(scores, 0)
+        scale = distances.max(axis=1, keepdims=True)
+        weights = np.exp(-gamma * distances / np.where(scale > 0, scale, 1.0))
+    return np.where(valid, weights, 0.0)
 
 
 def knn_affinity(
@@ -229,7 +234,8 @@ def knn_affinity(
 def edge_affinity(
     rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n_samples: int
 ) -> sp.csr_matrix:
-    """Symmetric sparse affinity W + W^T from an edge list; self-loops and -1 ends dropped.
+    """Symmetric sparse affinity W + W^T from an edge list; self-loops and edges with a -1
+    end (missing) are dropped.
 
     Pass the result to `LabelSpreading(metric='precomputed').fit`.
     """

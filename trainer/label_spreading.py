@@ -41,9 +41,11 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
     `fit(X, y)` takes features (or, with `metric='precomputed'`, an (n, n) affinity matrix)
     and labels with -1 for unlabeled samples. The graph links each sample to its
     `n_neighbors` nearest neighbours with weight max(cos, 0)**gamma (cosine) or
-    exp(-gamma d^2 / mean d^2) (euclidean), is symmetrised (W + W^T) and normalised
-    (S = D^-1/2 W D^-1/2). Spreading solves (I - alpha S) F = Y, the fixed point of
-    scikit-learn's iteration F <- alpha S F + (1 - alpha) Y, by conjugate gradient.
+    exp(-gamma d^2 / d_k^2) (euclidean, d_k the distance to the k-th neighbour), is
+    symmetrised (W + W^T) and normalised (S = D^-1/2 W D^-1/2). Spreading solves
+    (I - alpha S) F = Y, the fixed point of scikit-learn's iteration
+    F <- alpha S F + (1 - alpha) Y, by conjugate gradient; rows of F are then normalised
+    (a sample no seed reaches gets the uniform distribution).
 
     Parameters
     ----------
@@ -67,8 +69,8 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
     ----------
     classes_, label_distributions_ (n, n_classes, rows sum to 1), transduction_,
     confidence_ (1 - H(p) / log(n_classes), the per-sample weight of Iscen et al.),
-    n_iter_, n_features_in_. For features, the fitted index keeps a float32 copy of the
-    training features (n * d * 4 bytes) for inductive `predict`.
+    n_iter_, n_features_in_, and for features index_ (`NeighbourIndex`): a float32 copy of
+    the training features (n * d * 4 bytes) that inductive `predict` searches.
     """
 
     def __init__(
@@ -212,7 +214,10 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
 
     def _seed_matrix(self, y: np.ndarray) -> np.ndarray:
         """Set `classes_` and return the (n, n_classes) seed matrix Y, class-balanced."""
-        unlabeled = (y == UNLABELED) if y.dtype.kind in "iuf" else np.zeros(len(y), dtype=bool)
+        if y.dtype.kind in "US":  # text labels: none can be the unlabeled marker -1
+            unlabeled = np.zeros(len(y), dtype=bool)
+        else:
+            unlabeled = np.asarray(y == UNLABELED, dtype=bool)
         labels = y[~unlabeled]
         if len(labels) == 0:
             raise ValueError("y has no labeled sample: give at least one label other than -1")
@@ -266,7 +271,7 @@ def _solve(
     dtype = np.float64 if tol < 1e-5 else np.float32
     s = s.astype(dtype)
     columns = np.flatnonzero(seeds.any(axis=0))
-    b = seeds[:, columns].astype(dtype)
+    b: np.ndarray = seeds[:, columns].astype(dtype)
 
     def apply(v: np.ndarray) -> np.ndarray:
         out = s @ v
@@ -277,7 +282,7 @@ def _solve(
     def column_dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return np.einsum("ij,ij->j", u, v)
 
-    x = b.copy()
+    x: np.ndarray = b.copy()
     residual = b - apply(x)
     direction = residual.copy()
     scratch = np.empty_like(x)
@@ -299,8 +304,10 @@ def _solve(
             step = np.divide(
                 residual_sq, curvature, out=np.zeros_like(curvature), where=curvature > 0
             )
-            x += np.multiply(direction, step, out=scratch)
-            residual -= np.multiply(product, step, out=scratch)
+            np.multiply(direction, step, out=scratch)
+            x += scratch
+            np.multiply(product, step, out=scratch)
+            residual -= scratch
             new_residual_sq = column_dot(residual, residual)
             ratio = np.divide(
                 new_residual_sq, residual_sq, out=np.zeros_like(residual_sq), where=residual_sq > 0

@@ -56,6 +56,9 @@ class Classifier(nn.Module):
         self.head = nn.Linear(self.feature_dim, architecture.num_classes)
         self.register_buffer("temperature", torch.ones(()))
 
+    def set_temperature(self, temperature: float) -> None:
+        self.temperature.fill_(temperature)  # type: ignore[operator]
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
@@ -79,12 +82,22 @@ class ProbabilitiesAndEntropy(nn.Module):
 
 
 def build_classifier(architecture: Architecture, weights: str = "none") -> Classifier:
-    """A new classifier, its backbone initialised from `imagenet`, a checkpoint path, or `none`."""
+    """A new classifier initialised from `imagenet`, a checkpoint path, or `none`.
+
+    A checkpoint of the same architecture (a published weights.pt) gives the head too, so
+    training continues from that model; otherwise only the backbone tensors that fit are used.
+    The temperature always starts at 1: it is fitted again after training.
+    """
     classifier = Classifier(architecture)
     if weights == "imagenet":
         _load_backbone(classifier, _imagenet_state(architecture.backbone))
     elif weights != "none":
-        _load_backbone(classifier, load_checkpoint(Path(weights))["state_dict"])
+        checkpoint = load_checkpoint(Path(weights))
+        if checkpoint["architecture"] == architecture.model_dump():
+            state = {k: v for k, v in checkpoint["state_dict"].items() if k != "temperature"}
+            classifier.load_state_dict(state, strict=False)
+        else:
+            _load_backbone(classifier, checkpoint["state_dict"])
     return classifier
 
 

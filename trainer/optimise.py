@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -45,8 +46,16 @@ def optimise(
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    if runtime.world_size > 1:
+        _broadcast_state(module)
     module.eval()
     return losses
+
+
+def _broadcast_state(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers: BatchNorm statistics drift apart after the last step."""
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ def run_pipeline(
 def split_held_out(labeled: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Keep `fraction` of each class's labels (at least one, never its last) for calibration."""
     rng = np.random.default_rng(seed)
-    held = []
+    held: list[int] = []
     for label in np.unique(labeled.labels):
         members = np.flatnonzero(labeled.labels == label)
         count = min(max(1, round(fraction * len(members))), len(members) - 1) if fraction else 0
@@ -163,7 +163,18 @@ class _Run:
                         self.config, self.runtime)
 
     def spread_and_train(self) -> dict[str, float]:
+        """Spread labels on the current embeddings, train on them; again with the better ones."""
         self.require_pool("label spreading (--no-spreading to skip)")
+        rounds = self.config.spreading_rounds
+        steps = [self.config.pseudo_steps // rounds + (i < self.config.pseudo_steps % rounds)
+                 for i in range(rounds)]
+        details: dict[str, float] = {}
+        for index, round_steps in enumerate(steps, start=1):
+            found = self.spread_and_train_once(round_steps, f"pseudo-labels {index}/{rounds}")
+            details.update({f"round{index}_{key}": value for key, value in found.items()})
+        return details
+
+    def spread_and_train_once(self, steps: int, description: str) -> dict[str, float]:
         embed = self.classifier.embed
         pseudo = spread_labels(
             predict(embed, self.images, self.runtime), self.labels.cpu().numpy(),
@@ -175,7 +186,7 @@ class _Run:
             self.classifier, self.images, self.labels, self.pool,
             torch.as_tensor(pseudo.labels, device=device),
             torch.as_tensor(pseudo.weights, device=device),
-            self.config.pseudo_steps, self.config, self.runtime,
+            steps, self.config, self.runtime, description,
         )
         self.pseudo = pseudo
         details = {"mean_confidence": float(pseudo.confidence.mean())}
@@ -187,11 +198,8 @@ class _Run:
     def refine(self) -> dict[str, float]:
         self.require_pool("FixMatch refinement (--refine-steps 0 to skip)")
         classes, tau = len(self.dataset.classes), self.config.confidence_threshold
-        if self.pseudo is None:
-            thresholds = FlexMatchThresholds(np.full(len(self.pool), UNUSED), classes, tau)
-        else:
-            thresholds = FlexMatchThresholds.from_spread_labels(
-                self.pseudo.labels, self.pseudo.confidence, classes, tau)
+        seeds = np.full(len(self.pool), UNUSED) if self.pseudo is None else self.pseudo.labels
+        thresholds = FlexMatchThresholds(seeds, classes, tau)
         return refine(self.classifier, self.images, self.labels, self.pool, thresholds,
                       self.config, self.runtime)
 
@@ -207,7 +215,7 @@ def calibrate(classifier: Classifier, held_out: ImageSet, test: ImageSet | None,
         return Calibration(temperature=1.0, entropy_threshold=0.5, held_out=0)
     held_logits = logits_of(held_out)
     temperature = fit_temperature(held_logits, held_out.labels)
-    classifier.temperature.fill_(temperature)
+    classifier.set_temperature(temperature)
     before, after = softmax(held_logits), softmax(held_logits, temperature)
     test_ece: tuple[float | None, float | None] = (None, None)
     if test is not None and len(test):

@@ -1,0 +1,113 @@
+"""Test accuracy of the trainer against its baselines, all measured in the same run.
+
+    nice -n 10 .venv/bin/python benchmarks/trainer_accuracy.py --data digits --labels-per-class 5
+
+Rows, on the same labeled images (same seed) and the same official test split:
+- halflabel: the full pipeline, published to a scratch repository; accuracy from ONNX Runtime on
+  the exported model (what the service would serve), ECE after temperature scaling;
+- supervised: the same network trained on the labeled images only, for as many steps as the
+  pipeline trains in total;
+- sklearn LabelSpreading (kNN kernel) on raw pixels, on the labeled + unlabeled training images.
+Pass stage budgets (--supervised-steps ...) to scale the run to the hardware.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from models.repository import ModelRepository
+from trainer.config import TrainConfig
+from trainer.data import Dataset, load_dataset
+from trainer.pipeline import run_pipeline
+from trainer.publish import export_and_publish
+
+console = Console()
+
+
+def halflabel(dataset: Dataset, config: TrainConfig) -> tuple[float, float | None]:
+    trained = run_pipeline(dataset, config)
+    for stage in trained.stages:
+        console.print(f"  stage {stage.name}: {stage.seconds:.0f}s, test accuracy "
+                      f"{stage.test_accuracy:.2%} {stage.details}")
+    with tempfile.TemporaryDirectory() as scratch:
+        artifact = export_and_publish(trained, ModelRepository(Path(scratch)), "bench")
+        return artifact.manifest.metrics.accuracy, artifact.manifest.metrics.ece
+
+
+def supervised(dataset: Dataset, config: TrainConfig) -> float:
+    total = config.supervised_steps + config.pseudo_steps + config.refine_steps
+    only_labels = config.model_copy(update={
+        "supervised_steps": total, "spreading": False, "refine_steps": 0, "pretrain_steps": 0})
+    trained = run_pipeline(dataset, only_labels)
+    return trained.stages[-1].test_accuracy or 0.0
+
+
+def sklearn_label_spreading(dataset: Dataset, neighbours: int) -> float:
+    from sklearn.semi_supervised import LabelSpreading
+
+    assert dataset.test is not None
+    flat = np.concatenate([dataset.labeled.images, dataset.unlabeled]).reshape(
+        len(dataset.labeled) + len(dataset.unlabeled), -1)
+    targets = np.concatenate([dataset.labeled.labels, np.full(len(dataset.unlabeled), -1)])
+    model = LabelSpreading(kernel="knn", n_neighbors=neighbours, max_iter=100).fit(flat, targets)
+    predicted = model.predict(dataset.test.images.reshape(len(dataset.test), -1))
+    return float(np.mean(predicted == dataset.test.labels))
+
+
+def main(
+    data: Annotated[str, typer.Option()] = "digits",
+    labels_per_class: Annotated[int, typer.Option()] = 5,
+    seed: Annotated[int, typer.Option()] = 0,
+    supervised_steps: Annotated[int | None, typer.Option()] = None,
+    pseudo_steps: Annotated[int | None, typer.Option()] = None,
+    refine_steps: Annotated[int | None, typer.Option()] = None,
+    pretrain_steps: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    threads: Annotated[int, typer.Option()] = 0,
+    sklearn_neighbours: Annotated[int, typer.Option()] = 7,
+) -> None:
+    """Print the pipeline's test accuracy next to its baselines."""
+    overrides = {key: value for key, value in {
+        "supervised_steps": supervised_steps, "pseudo_steps": pseudo_steps,
+        "refine_steps": refine_steps, "pretrain_steps": pretrain_steps,
+        "batch_size": batch_size}.items() if value is not None}
+    config = TrainConfig(seed=seed, threads=threads, progress=False, **overrides)
+    dataset = load_dataset(data, labels_per_class=labels_per_class, seed=seed, progress=False)
+    console.print(f"{data}: {len(dataset.labeled)} labels, {len(dataset.unlabeled)} unlabeled, "
+                  f"{len(dataset.test) if dataset.test else 0} test; {config!r}")
+    console.print(f"machine: {platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+
+    rows = []
+    started = time.perf_counter()
+    accuracy, ece = halflabel(dataset, config)
+    rows.append(("halflabel (ONNX)", accuracy, ece, time.perf_counter() - started))
+    started = time.perf_counter()
+    rows.append(("supervised, same labels", supervised(dataset, config), None,
+                 time.perf_counter() - started))
+    started = time.perf_counter()
+    rows.append((f"sklearn LabelSpreading (knn, k={sklearn_neighbours}) on pixels",
+                 sklearn_label_spreading(dataset, sklearn_neighbours), None,
+                 time.perf_counter() - started))
+
+    table = Table(title=f"{data}, {labels_per_class} labels per class, seed {seed}")
+    for column in ("method", "test accuracy", "test ECE", "seconds"):
+        table.add_column(column)
+    for name, value, calibration, seconds in rows:
+        table.add_row(name, f"{value:.2%}", "" if calibration is None else f"{calibration:.3f}",
+                      f"{seconds:.0f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,125 @@
+"""The pipeline's stages on a tiny budget: they run, they are reproducible, bad input is named."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from models.repository import ModelRepository
+from trainer.config import TrainConfig
+from trainer.data import Dataset, load_dataset
+from trainer.errors import DataError, ExportError, WeightsError
+from trainer.export import check_parity, export_onnx
+from trainer.network import Architecture, build_classifier, save_checkpoint
+from trainer.pipeline import run_pipeline
+from trainer.publish import export_and_publish
+
+TINY = {"threads": 1, "progress": False, "batch_size": 8, "supervised_steps": 3,
+        "pseudo_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_dataset("digits", labels_per_class=3, progress=False)
+
+
+def state_digest(module: torch.nn.Module) -> list[np.ndarray]:
+    return [tensor.detach().cpu().numpy().copy() for tensor in module.state_dict().values()]
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_is_reported(digits: Dataset) -> None:
+    trained = run_pipeline(digits, TrainConfig(**TINY, pretrain_steps=2, refine_steps=2))
+    assert trained.stage_names == ("simclr", "supervised", "label-spreading", "fixmatch")
+    assert all(stage.test_accuracy is not None for stage in trained.stages)
+    spreading = trained.stages[2].details
+    assert 0 <= spreading["round1_pseudo_label_accuracy"] <= 1
+    assert 0 <= spreading["round2_pseudo_label_accuracy"] <= 1
+    assert "mask_rate_last_100" in trained.stages[3].details
+    assert trained.calibration.held_out == 10 and trained.calibration.temperature > 0
+    assert trained.pseudo_labelled == len(digits.unlabeled)
+
+
+@pytest.mark.slow
+def test_same_seed_same_model_on_cpu(digits: Dataset) -> None:
+    config = TrainConfig(**TINY, refine_steps=2)
+    first, second = run_pipeline(digits, config), run_pipeline(digits, config)
+    for a, b in zip(state_digest(first.classifier), state_digest(second.classifier), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [s.test_accuracy for s in first.stages] == [s.test_accuracy for s in second.stages]
+    other = run_pipeline(digits, TrainConfig(**{**TINY, "seed": 1}, refine_steps=2))
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(state_digest(first.classifier), state_digest(other.classifier), strict=True))
+
+
+def test_stages_that_need_unlabeled_images_name_the_empty_pool(digits: Dataset) -> None:
+    empty = replace(digits, unlabeled=digits.unlabeled[:0], unlabeled_truth=None)
+    with pytest.raises(DataError, match="label spreading .* pool is empty"):
+        run_pipeline(empty, TrainConfig(**TINY))
+    with pytest.raises(DataError, match="FixMatch .* pool is empty"):
+        run_pipeline(empty, TrainConfig(**TINY, spreading=False, refine_steps=1))
+    supervised_only = run_pipeline(empty, TrainConfig(**TINY, spreading=False))
+    assert supervised_only.stage_names == ("supervised",)
+
+
+@pytest.mark.slow
+def test_parity_failure_refuses_to_publish(digits: Dataset, tmp_path: Path) -> None:
+    trained = run_pipeline(digits, TrainConfig(**TINY, spreading=False))
+    onnx_path = export_onnx(trained.classifier, digits.spec, tmp_path / "model.onnx")
+    images = np.ascontiguousarray(digits.labeled.images[:8])
+    assert check_parity(onnx_path, trained.classifier, images) <= 1e-4
+    with torch.no_grad():
+        trained.classifier.head.bias.add_(1.0 + torch.arange(10.0))  # the PyTorch model drifts
+    with pytest.raises(ExportError, match="nothing was published"):
+        check_parity(onnx_path, trained.classifier, images)
+
+
+@pytest.mark.slow
+def test_fp16_variant_is_published_and_agrees_with_fp32(digits: Dataset, tmp_path: Path) -> None:
+    trained = run_pipeline(digits, TrainConfig(**TINY, spreading=False, fp16=True))
+    repository = ModelRepository(tmp_path / "store")
+    artifact = export_and_publish(trained, repository, "digits16")
+    assert artifact.fp16_onnx_path is not None
+    assert repository.resolve("digits16").manifest.fp16_onnx_sha256
+    images = np.ascontiguousarray(digits.test.images[:16])  # type: ignore[union-attr]
+    outputs = [
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            ["probabilities"], {"image": images})[0]
+        for path in (artifact.onnx_path, artifact.fp16_onnx_path)
+    ]
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-2)
+
+
+def test_published_weights_restore_the_head_and_other_checkpoints_only_the_backbone(
+    tmp_path: Path,
+) -> None:
+    architecture = Architecture(backbone="resnet18", num_classes=10, in_channels=1, image_size=8)
+    source = build_classifier(architecture)
+    source.set_temperature(2.5)
+    save_checkpoint(source, tmp_path / "weights.pt")
+    same = build_classifier(architecture, str(tmp_path / "weights.pt"))
+    torch.testing.assert_close(same.head.weight, source.head.weight)
+    torch.testing.assert_close(same.backbone.conv1.weight, source.backbone.conv1.weight)
+    assert float(same.temperature) == 1.0
+    fewer_classes = architecture.model_copy(update={"num_classes": 3})
+    other = build_classifier(fewer_classes, str(tmp_path / "weights.pt"))
+    torch.testing.assert_close(other.backbone.layer4[1].conv2.weight,
+                               source.backbone.layer4[1].conv2.weight)
+    assert other.head.weight.shape == (3, 512)
+
+
+def test_missing_imagenet_weights_say_where_to_put_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    architecture = Architecture(backbone="resnet18", num_classes=10, in_channels=3, image_size=32)
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(WeightsError, match=f"put it at {expected}"):
+        build_classifier(architecture, "imagenet")
+    with pytest.raises(WeightsError, match="not found"):
+        build_classifier(architecture, str(tmp_path / "nope.pt"))
