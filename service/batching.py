@@ -83,10 +83,12 @@ class DynamicBatcher:
         for item in pending:
             self._queue.put_nowait(item)
         self._admitted += len(pending)
+        metrics.INFERENCE_QUEUE_DEPTH.inc(len(pending))
         try:
             return list(await asyncio.gather(*(item.future for item in pending)))
         finally:
             self._admitted -= len(pending)
+            metrics.INFERENCE_QUEUE_DEPTH.dec(len(pending))
 
     async def close(self) -> None:
         """Stop taking inputs, answer those already queued, then stop the worker."""

@@ -18,6 +18,9 @@ QUEUE_WAIT = Histogram(
 INFERENCE_TIME = Histogram(
     "halflabel_inference_seconds", "ONNX Runtime time per batch", buckets=_FAST
 )
+INFERENCE_QUEUE_DEPTH = Gauge(
+    "halflabel_inference_queue_depth", "Inputs admitted and not yet answered (the HPA scales on it)"
+)
 REJECTED_INPUTS = Counter(
     "halflabel_rejected_inputs", "Inputs refused with 503 because the batching queue was full"
 )
