@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -265,3 +267,9 @@ def test_stopping_at_max_iter_warns(digits) -> None:
     with pytest.warns(ConvergenceWarning, match="max_iter=2"):
         model = LabelSpreading(max_iter=2).fit(x, partial)
     assert model.n_iter_ == 2
+
+
+def test_imports_without_torch_or_the_service() -> None:
+    code = "import sys, trainer.label_spreading; print(sorted({'torch', 'service'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
