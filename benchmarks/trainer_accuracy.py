@@ -13,6 +13,7 @@ Pass stage budgets (--supervised-steps ...) to scale the run to the hardware.
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 import time
@@ -85,8 +86,9 @@ def main(
     dataset = load_dataset(data, labels_per_class=labels_per_class, seed=seed, progress=False)
     console.print(f"{data}: {len(dataset.labeled)} labels, {len(dataset.unlabeled)} unlabeled, "
                   f"{len(dataset.test) if dataset.test else 0} test; {config!r}")
-    console.print(f"machine: {platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+                  f"{threads or 'all'} torch threads, torch {torch.__version__}, "
+                  f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 
     rows = []
     started = time.perf_counter()

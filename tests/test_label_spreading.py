@@ -270,6 +270,9 @@ def test_stopping_at_max_iter_warns(digits) -> None:
 
 
 def test_imports_without_torch_or_the_service() -> None:
-    code = "import sys, trainer.label_spreading; print(sorted({'torch', 'service'} & set(sys.modules)))"
+    code = (
+        "import sys, trainer.label_spreading; "
+        "print(sorted({'torch', 'service'} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -121,7 +121,8 @@ def take_snapshot(store: LabelStore, directory: Path) -> Snapshot:
     previous = latest_snapshot(directory)
     records = store.unacknowledged()
     known = {item.task_id for item in previous.items}
-    new = [_save_image(record, directory) for record in records if record.task_id not in known]
+    fresh = {record.task_id: record for record in records if record.task_id not in known}
+    new = [_save_image(record, directory) for record in fresh.values()]
     snapshot = previous
     if new:
         snapshot = Snapshot(directory, previous.version + 1, previous.items + tuple(new))
