@@ -18,10 +18,11 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from prometheus_client import REGISTRY
 
 from models.queue import LabellingQueue
 from service.api import v1_router
-from service.labelling import labelling_router
+from service.labelling import QueueMetrics, labelling_router
 from service.model_host import ModelHost
 from service.oip import v2_router
 from service.predictor import Predictor
@@ -49,9 +50,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     queue_client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
     )
-    pusher = QueuePusher(
-        LabellingQueue(queue_client, settings.queue_prefix), settings.push_buffer_size
-    )
+    labelling_queue = LabellingQueue(queue_client, settings.queue_prefix)
+    pusher = QueuePusher(labelling_queue, settings.push_buffer_size)
     state = State(
         {
             "settings": settings,
@@ -68,10 +68,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         host.start()
+        queue_metrics = QueueMetrics(labelling_queue)
+        REGISTRY.register(queue_metrics)
         tasks = [asyncio.create_task(pusher.run()), asyncio.create_task(host.poll())]
         try:
             yield
         finally:
+            REGISTRY.unregister(queue_metrics)
             for task in tasks:
                 task.cancel()
             await host.close()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import REDIS_URL, LiveService
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from models.labels import LabelStore
-from tests.conftest import REDIS_URL, LiveService
 from tests.test_labelling_http import queue_by_predicting
 
 CHROMIUM = "/usr/bin/chromium"

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from conftest import REDIS_URL, LiveService, free_port, grey_png, start_service, stop_service
 
 from models.labels import LabelStore
 from models.repository import ModelRepository
-from tests.conftest import REDIS_URL, LiveService, free_port, grey_png, start_service, stop_service
 
 UNCERTAIN_LEVELS = (124, 128, 132)
 

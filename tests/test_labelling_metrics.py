@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import redis
+from conftest import REDIS_URL, free_port
 from prometheus_client import CollectorRegistry, generate_latest
 
 from models.queue import LabellingQueue
 from service.labelling import QueueMetrics
-from tests.conftest import REDIS_URL, free_port
 from tests.test_queue import push_greys
 
 

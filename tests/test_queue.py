@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+from conftest import REDIS_URL, TINY_CLASSES, grey_png
 
 from models.labels import LabelStore
 from models.queue import (
@@ -19,7 +20,6 @@ from models.queue import (
     TaskStatus,
     UnknownClassError,
 )
-from tests.conftest import REDIS_URL, TINY_CLASSES, grey_png
 
 
 def record_for(image: bytes, uncertainty: float) -> TaskRecord:

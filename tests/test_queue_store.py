@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import REDIS_URL, TINY_CLASSES, free_port, grey_png
 
 from models.labels import LabelStore
 from models.queue import LabellingQueue
-from tests.conftest import REDIS_URL, TINY_CLASSES, free_port, grey_png
 from tests.test_queue import push_greys
 
 

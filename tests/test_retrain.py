@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from conftest import REDIS_URL, start_service, stop_service
 from PIL import Image
 
 from models.labels import LabelStore
 from models.queue import Guess, LabellingQueue, TaskRecord
 from models.repository import ModelRepository
-from tests.conftest import REDIS_URL, start_service, stop_service
 from trainer.config import TrainConfig
 from trainer.retrain import latest_snapshot, original_data, retrain, take_snapshot
 

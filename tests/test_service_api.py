@@ -241,5 +241,6 @@ def test_metrics_count_requests_batches_and_uncertainty(shared_service: LiveServ
     assert float(samples['halflabel_low_confidence_predictions_total{model="tiny"}']) >= 1
     assert float(samples["halflabel_batch_size_count"]) >= 1
     assert float(samples["halflabel_inference_queue_depth"]) == 0  # every input was answered
+    assert float(samples['halflabel_labelling_tasks{state="pending"}']) >= 1
     for histogram in ("queue_wait_seconds", "inference_seconds", "prediction_normalized_entropy"):
         assert float(samples[f"halflabel_{histogram}_count"]) >= 1
