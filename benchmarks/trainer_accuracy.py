@@ -8,7 +8,8 @@ Rows, on the same labeled images (same seed) and the same official test split:
 - supervised: the same network trained on the labeled images only, for as many steps as the
   pipeline trains in total;
 - sklearn LabelSpreading (kNN kernel) on raw pixels, on the labeled + unlabeled training images.
-Pass stage budgets (--supervised-steps ...) to scale the run to the hardware.
+Pass stage budgets (--supervised-steps ...), a smaller --image-size or an --unlabeled-limit
+(a seeded subsample of the pool) to scale the run to the hardware.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -74,17 +75,32 @@ def main(
     refine_steps: Annotated[int | None, typer.Option()] = None,
     pretrain_steps: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
+    spreading_rounds: Annotated[int | None, typer.Option()] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    unlabeled_limit: Annotated[int | None, typer.Option()] = None,
     threads: Annotated[int, typer.Option()] = 0,
     sklearn_neighbours: Annotated[int, typer.Option()] = 7,
 ) -> None:
     """Print the pipeline's test accuracy next to its baselines."""
+    import torch  # after trainer, which sets OpenMP's wait policy before torch loads
+
+
     overrides = {key: value for key, value in {
         "supervised_steps": supervised_steps, "pseudo_steps": pseudo_steps,
         "refine_steps": refine_steps, "pretrain_steps": pretrain_steps,
-        "batch_size": batch_size}.items() if value is not None}
+        "batch_size": batch_size, "spreading_rounds": spreading_rounds}.items()
+        if value is not None}
     config = TrainConfig(seed=seed, threads=threads, progress=False, **overrides)
-    dataset = load_dataset(data, labels_per_class=labels_per_class, seed=seed, progress=False)
-    console.print(f"{data}: {len(dataset.labeled)} labels, {len(dataset.unlabeled)} unlabeled, "
+    dataset = load_dataset(data, labels_per_class=labels_per_class, seed=seed,
+                           image_size=image_size, progress=False)
+    if unlabeled_limit is not None and unlabeled_limit < len(dataset.unlabeled):
+        keep = np.random.default_rng(seed).choice(len(dataset.unlabeled), unlabeled_limit,
+                                                  replace=False)
+        truth = dataset.unlabeled_truth
+        dataset = replace(dataset, unlabeled=dataset.unlabeled[keep],
+                          unlabeled_truth=None if truth is None else truth[keep])
+    console.print(f"{data} at {dataset.spec.height}x{dataset.spec.width}: "
+                  f"{len(dataset.labeled)} labels, {len(dataset.unlabeled)} unlabeled, "
                   f"{len(dataset.test) if dataset.test else 0} test; {config!r}")
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
                   f"{threads or 'all'} torch threads, torch {torch.__version__}, "

@@ -17,8 +17,8 @@ from models.repository import ModelRepository
 from trainer.data import load_dataset
 from trainer.network import ProbabilitiesAndEntropy, classifier_from_checkpoint
 
-TINY_BUDGET = ["--supervised-steps", "4", "--pseudo-steps", "4", "--threads", "1",
-               "--no-progress", "--batch-size", "16"]
+TINY_BUDGET = ["--supervised-steps", "4", "--pseudo-steps", "4", "--refine-steps", "2",
+               "--threads", "1", "--no-progress", "--batch-size", "16"]
 
 
 def train_cli(*args: str, model_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_fit_publishes_a_complete_artifact(store: Path) -> None:
     assert (manifest.input.height, manifest.input.width, manifest.input.channels) == (8, 8, 1)
     assert manifest.metrics.split == "digits:test" and manifest.metrics.n_test == 450
     assert manifest.training.labelled == 50 and manifest.training.pseudo_labelled > 1000
-    assert manifest.training.stages == ("supervised", "label-spreading")
+    assert manifest.training.stages == ("supervised", "label-spreading", "fixmatch")
     assert 0 <= manifest.entropy_threshold <= 1
     for extra in ("report.json", "weights.pt", "confusion_matrix.png", "reliability.png",
                   "accuracy_by_stage.png"):

@@ -20,7 +20,7 @@ from trainer.pipeline import run_pipeline
 from trainer.publish import export_and_publish
 
 TINY = {"threads": 1, "progress": False, "batch_size": 8, "supervised_steps": 3,
-        "pseudo_steps": 3}
+        "pseudo_steps": 3, "refine_steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def state_digest(module: torch.nn.Module) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_every_stage_runs_and_is_reported(digits: Dataset) -> None:
-    trained = run_pipeline(digits, TrainConfig(**TINY, pretrain_steps=2, refine_steps=2))
+    trained = run_pipeline(digits, TrainConfig(**{**TINY, "pretrain_steps": 2, "refine_steps": 2}))
     assert trained.stage_names == ("simclr", "supervised", "label-spreading", "fixmatch")
     assert all(stage.test_accuracy is not None for stage in trained.stages)
     spreading = trained.stages[2].details
@@ -47,12 +47,12 @@ def test_every_stage_runs_and_is_reported(digits: Dataset) -> None:
 
 @pytest.mark.slow
 def test_same_seed_same_model_on_cpu(digits: Dataset) -> None:
-    config = TrainConfig(**TINY, refine_steps=2)
+    config = TrainConfig(**{**TINY, "refine_steps": 2})
     first, second = run_pipeline(digits, config), run_pipeline(digits, config)
     for a, b in zip(state_digest(first.classifier), state_digest(second.classifier), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [s.test_accuracy for s in first.stages] == [s.test_accuracy for s in second.stages]
-    other = run_pipeline(digits, TrainConfig(**{**TINY, "seed": 1}, refine_steps=2))
+    other = run_pipeline(digits, TrainConfig(**{**TINY, "seed": 1, "refine_steps": 2}))
     assert any(not np.array_equal(a, b) for a, b in
                zip(state_digest(first.classifier), state_digest(other.classifier), strict=True))
 
@@ -62,7 +62,7 @@ def test_stages_that_need_unlabeled_images_name_the_empty_pool(digits: Dataset) 
     with pytest.raises(DataError, match="label spreading .* pool is empty"):
         run_pipeline(empty, TrainConfig(**TINY))
     with pytest.raises(DataError, match="FixMatch .* pool is empty"):
-        run_pipeline(empty, TrainConfig(**TINY, spreading=False, refine_steps=1))
+        run_pipeline(empty, TrainConfig(**{**TINY, "refine_steps": 1}, spreading=False))
     supervised_only = run_pipeline(empty, TrainConfig(**TINY, spreading=False))
     assert supervised_only.stage_names == ("supervised",)
 

@@ -89,6 +89,7 @@ def fit(
 ) -> None:
     """Train on DATA and publish a new version of NAME. Flags override HALFLABEL_TRAIN_* vars."""
     _setup_logging()
+    # Flags left unset fall through to HALFLABEL_TRAIN_* variables, then to the defaults.
     flags = {key: value for key, value in locals().items()
              if key in TrainConfig.model_fields and value is not None}
     with user_errors():

@@ -92,20 +92,19 @@ def export_and_publish(
         fp16_path = convert_to_fp16(onnx_path, work / "model.fp16.onnx") if (
             trained.config.fp16) else None
         save_checkpoint(trained.classifier, work / "weights.pt")
-        draft = _draft(trained, split, parent_version, feedback_count)
-        evaluation = evaluate_onnx_file(onnx_path, draft.input.input_name,
-                                        draft.entropy_threshold, *_arrays(evaluation_set))
-        draft = draft.model_copy(update={"metrics": Metrics(
+        evaluation = evaluate_onnx_file(
+            onnx_path, trained.dataset.spec.input_name, trained.calibration.entropy_threshold,
+            evaluation_set.images, evaluation_set.labels)
+        metrics = Metrics(
             accuracy=evaluation.accuracy, n_test=evaluation.n, split=split, ece=evaluation.ece,
             extra={"parity_max_abs_diff": parity, "queued_fraction": evaluation.queued_fraction},
-        )})
+        )
         extra_files = _report_files(trained, evaluation_set, evaluation, parity, work)
-        return repository.publish(name, onnx_path, draft, fp16_onnx_file=fp16_path,
-                                  extra_files={**extra_files, "weights.pt": work / "weights.pt"})
-
-
-def _arrays(images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
-    return images.images, images.labels
+        return repository.publish(
+            name, onnx_path, _draft(trained, metrics, parent_version, feedback_count),
+            fp16_onnx_file=fp16_path,
+            extra_files={**extra_files, "weights.pt": work / "weights.pt"},
+        )
 
 
 def _evaluation_set(trained: TrainedModel) -> tuple[ImageSet, str]:
@@ -120,14 +119,14 @@ def _parity_batch(trained: TrainedModel, evaluation_set: ImageSet) -> np.ndarray
     return np.ascontiguousarray(images[:PARITY_BATCH])
 
 
-def _draft(trained: TrainedModel, split: str, parent_version: int | None,
+def _draft(trained: TrainedModel, metrics: Metrics, parent_version: int | None,
            feedback_count: int) -> ManifestDraft:
     dataset, config = trained.dataset, trained.config
     return ManifestDraft(
         classes=dataset.classes,
         input=dataset.spec,
         opset=OPSET,
-        metrics=Metrics(accuracy=0.0, n_test=0, split=split),  # replaced after evaluation
+        metrics=metrics,
         entropy_threshold=trained.calibration.entropy_threshold,
         training=TrainingSummary(
             labelled=len(dataset.labeled), pseudo_labelled=trained.pseudo_labelled,
