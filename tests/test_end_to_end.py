@@ -15,7 +15,9 @@ from models.queue import QueueKeys
 from models.repository import ModelRepository
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "example-digit.png"
-QUICK_FIT = ["--supervised-steps", "30", "--pseudo-steps", "30", "--refine-steps", "0", "--no-progress"]
+# The path matters here, not accuracy: a short budget, no refinement stage.
+QUICK_FIT = ["--supervised-steps", "30", "--pseudo-steps", "30", "--refine-steps", "0",
+             "--no-progress"]
 
 
 @pytest.mark.slow
