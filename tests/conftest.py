@@ -158,18 +158,21 @@ def stop_service(service: LiveService) -> None:
         service.process.kill()
 
 
+def tiny_env(repo: ModelRepository, queue_prefix: str, **settings: str) -> dict[str, str]:
+    """Environment for a service serving the tiny model; `settings` are more HALFLABEL_* vars."""
+    env = {
+        "HALFLABEL_MODEL_DIR": str(repo.root),
+        "HALFLABEL_MODEL_NAME": "tiny",
+        "HALFLABEL_QUEUE_PREFIX": queue_prefix,
+    }
+    return env | {f"HALFLABEL_{name.upper()}": value for name, value in settings.items()}
+
+
 @pytest.fixture
 def live_service(
     model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
 ) -> Iterator[LiveService]:
     """The real service process serving the tiny model, queueing under a private prefix."""
-    service = start_service(
-        {
-            "HALFLABEL_MODEL_DIR": str(model_repo.root),
-            "HALFLABEL_MODEL_NAME": "tiny",
-            "HALFLABEL_QUEUE_PREFIX": queue_prefix,
-        },
-        tmp_path / "service.log",
-    )
+    service = start_service(tiny_env(model_repo, queue_prefix), tmp_path / "service.log")
     yield service
     stop_service(service)

@@ -12,7 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import REDIS_URL, LiveService, free_port, grey_png, start_service, stop_service
+from conftest import (
+    REDIS_URL,
+    LiveService,
+    free_port,
+    grey_png,
+    start_service,
+    stop_service,
+    tiny_env,
+)
 
 from models.labels import LabelStore
 from models.repository import ModelRepository
@@ -122,15 +130,8 @@ def test_exports_hold_every_labelled_image(live_service: LiveService) -> None:
 def test_labelling_needs_the_label_scope(
     model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
 ) -> None:
-    service = start_service(
-        {
-            "HALFLABEL_MODEL_DIR": str(model_repo.root),
-            "HALFLABEL_MODEL_NAME": "tiny",
-            "HALFLABEL_QUEUE_PREFIX": queue_prefix,
-            "HALFLABEL_API_KEYS": "p-key:predict;l-key:label",
-        },
-        tmp_path / "service.log",
-    )
+    env = tiny_env(model_repo, queue_prefix, api_keys="p-key:predict;l-key:label")
+    service = start_service(env, tmp_path / "service.log")
     try:
         with service.client() as client:
             stats = "/v1/labelling/stats"
@@ -146,14 +147,9 @@ def test_labelling_needs_the_label_scope(
 
 @pytest.mark.slow
 def test_redis_outage_is_a_503_not_a_500(model_repo: ModelRepository, tmp_path: Path) -> None:
-    service = start_service(
-        {
-            "HALFLABEL_MODEL_DIR": str(model_repo.root),
-            "HALFLABEL_MODEL_NAME": "tiny",
-            "HALFLABEL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
-        },
-        tmp_path / "service.log",
-    )
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    service = start_service(tiny_env(model_repo, "unused", redis_url=nowhere),
+                            tmp_path / "service.log")
     try:
         with service.client() as client:
             assert_problem(client.get("/v1/labelling/tasks"), 503, "HALFLABEL_REDIS_URL")

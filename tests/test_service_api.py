@@ -17,6 +17,7 @@ from conftest import (
     start_service,
     stop_service,
     tiny_draft,
+    tiny_env,
     tiny_onnx_model,
 )
 
@@ -89,12 +90,7 @@ def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSer
     repo = ModelRepository(tmp_path / "store")
     repo.publish("tiny", tiny_onnx_model(tmp_path / "tiny.onnx"), tiny_draft())
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    env = {
-        "HALFLABEL_MODEL_DIR": str(repo.root),
-        "HALFLABEL_MODEL_NAME": "tiny",
-        "HALFLABEL_QUEUE_PREFIX": prefix,
-    }
-    service = start_service(env, tmp_path / "service.log")
+    service = start_service(tiny_env(repo, prefix), tmp_path / "service.log")
     yield service
     stop_service(service)
     client = redis.Redis.from_url(REDIS_URL)

@@ -20,6 +20,7 @@ from conftest import (
     start_service,
     stop_service,
     tiny_draft,
+    tiny_env,
     tiny_onnx_model,
 )
 
@@ -28,15 +29,6 @@ from service.batching import DynamicBatcher
 from service.engine import DeviceUnavailableError, OnnxModel, Outputs
 
 PNG = {"Content-Type": "image/png"}
-
-
-def tiny_env(repo: ModelRepository, queue_prefix: str, **settings: str) -> dict[str, str]:
-    env = {
-        "HALFLABEL_MODEL_DIR": str(repo.root),
-        "HALFLABEL_MODEL_NAME": "tiny",
-        "HALFLABEL_QUEUE_PREFIX": queue_prefix,
-    }
-    return env | {f"HALFLABEL_{name.upper()}": value for name, value in settings.items()}
 
 
 def test_concurrent_inputs_are_batched_and_each_gets_its_own_answer(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import free_port, grey_png, start_service, stop_service
+from conftest import free_port, grey_png, start_service, stop_service, tiny_env
 
 from models.queue import QueueKeys
 from models.repository import ModelRepository
@@ -68,16 +68,8 @@ def metric(text: str, name: str) -> float:
 def test_predictions_survive_an_outage_and_buffered_pushes_arrive_after_it(
     model_repo: ModelRepository, private_redis: RedisServer, tmp_path: Path
 ) -> None:
-    service = start_service(
-        {
-            "HALFLABEL_MODEL_DIR": str(model_repo.root),
-            "HALFLABEL_MODEL_NAME": "tiny",
-            "HALFLABEL_REDIS_URL": private_redis.url,
-            "HALFLABEL_QUEUE_PREFIX": "outage",
-            "HALFLABEL_PUSH_BUFFER_SIZE": "2",
-        },
-        tmp_path / "service.log",
-    )
+    env = tiny_env(model_repo, "outage", redis_url=private_redis.url, push_buffer_size="2")
+    service = start_service(env, tmp_path / "service.log")
     uncertain = [grey_png(level) for level in (124, 128, 132)]
     try:
         private_redis.stop()

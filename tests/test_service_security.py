@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LiveService, free_port, grey_png, start_service, stop_service
+from conftest import LiveService, free_port, grey_png, start_service, stop_service, tiny_env
 
 from models.repository import ModelRepository
 from service.security import ExposureError, check_exposure
@@ -22,17 +22,9 @@ PREDICT_KEY, ADMIN_KEY = "p-key-123", "a-key-456"
 def guarded_service(
     model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
 ) -> Iterator[LiveService]:
-    service = start_service(
-        {
-            "HALFLABEL_MODEL_DIR": str(model_repo.root),
-            "HALFLABEL_MODEL_NAME": "tiny",
-            "HALFLABEL_QUEUE_PREFIX": queue_prefix,
-            "HALFLABEL_API_KEYS": f"{PREDICT_KEY}:predict;{ADMIN_KEY}:admin,label",
-            "HALFLABEL_MAX_BODY_BYTES": "2000",
-            "HALFLABEL_MAX_PIXELS": "100",
-        },
-        tmp_path / "service.log",
-    )
+    keys = f"{PREDICT_KEY}:predict;{ADMIN_KEY}:admin,label"
+    env = tiny_env(model_repo, queue_prefix, api_keys=keys, max_body_bytes="2000", max_pixels="100")
+    service = start_service(env, tmp_path / "service.log")
     yield service
     stop_service(service)
 
