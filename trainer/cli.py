@@ -78,6 +78,9 @@ def fit(
     spreading: Annotated[bool | None, typer.Option(
         "--spreading/--no-spreading", help="label spreading stage")] = None,
     batch_size: Annotated[int | None, typer.Option(min=2)] = None,
+    horizontal_flip: Annotated[bool | None, typer.Option(
+        "--horizontal-flip/--no-horizontal-flip",
+        help="flip augmentation, for classes a mirror does not change [default: off]")] = None,
     fp16: Annotated[bool | None, typer.Option("--fp16/--no-fp16",
                                               help="also publish an FP16 ONNX")] = None,
     threads: Annotated[int | None, typer.Option(min=0, help="CPU threads (0: all)")] = None,
@@ -118,7 +121,7 @@ def _fit(config: TrainConfig, data: str, name: str, repository: ModelRepository,
                   f"{len(dataset.test) if dataset.test else 0} test images")
     try:
         trained = run_pipeline(dataset, config)
-        if trained.runtime is None or trained.runtime.is_main:
+        if trained.runtime.is_main:
             artifact = export_and_publish(trained, repository, name)
             _print_published(artifact.path, artifact.manifest.model_dump())
     finally:

@@ -70,8 +70,8 @@ class TrainedModel:
     held_out: ImageSet
     calibration: Calibration
     stages: list[StageResult]
+    runtime: Runtime
     pseudo_labelled: int = 0
-    runtime: Runtime | None = None
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -98,7 +98,7 @@ def run_pipeline(
     calibration = calibrate(run.classifier, held_out, dataset.test, config, runtime)
     pseudo_labelled = len(run.pool) if run.pseudo is not None or config.refine_steps else 0
     return TrainedModel(run.classifier, dataset, config, held_out, calibration, run.results,
-                        pseudo_labelled, runtime)
+                        runtime, pseudo_labelled)
 
 
 def split_held_out(labeled: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:

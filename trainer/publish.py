@@ -153,8 +153,8 @@ def _report_files(trained: TrainedModel, evaluation_set: ImageSet, evaluation: E
         "calibration": asdict(calibration),
         "evaluation": evaluation.summary(),
         "onnx_parity_max_abs_diff": parity,
-        "processes": trained.runtime.world_size if trained.runtime else 1,
-        "device": str(trained.runtime.device) if trained.runtime else "cpu",
+        "processes": trained.runtime.world_size,
+        "device": str(trained.runtime.device),
     }
     files = {"report.json": write_report(work / "report.json", report)}
     labels = evaluation_set.labels

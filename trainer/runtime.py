@@ -42,6 +42,8 @@ class Runtime:
 
     def generator(self, stage: str) -> torch.Generator:
         """A CPU generator for one stage: the same draws for the same seed, rank and stage."""
+        # Not hash(stage): Python salts string hashes per process, and every rank and rerun
+        # must derive the same key.
         stage_key = sum(ord(c) * 31**i for i, c in enumerate(stage)) % 1_000_003
         return torch.Generator().manual_seed(self.seed * 1_000_003 + stage_key + 7919 * self.rank)
 
