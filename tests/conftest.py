@@ -22,6 +22,9 @@ from PIL import Image
 from models.manifest import InputSpec, ManifestDraft, Metrics, TrainingSummary
 from models.repository import ModelRepository
 
+# As in trainer/__init__.py: idle OpenMP threads must sleep, not spin, on a shared 2-core machine;
+# set here too because some tests import torch before the trainer.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REDIS_URL = os.environ.get("HALFLABEL_REDIS_URL", "redis://127.0.0.1:6379/0")
 TINY_CLASSES = ("dark", "light")
 TINY_SPEC = InputSpec(height=4, width=4, channels=1, color_mode="L", mean=(0.5,), std=(0.25,))
