@@ -104,6 +104,7 @@ class Predictor:
         metrics.PREDICTIONS.labels(manifest.name).inc()
         metrics.ENTROPY.observe(normalized)
         best = int(ranked[0])
+        digest = hashlib.sha256(image).hexdigest()
         return Prediction(
             label=manifest.classes[best],
             class_index=best,
@@ -115,17 +116,19 @@ class Predictor:
             entropy=entropy,
             normalized_entropy=normalized,
             queued_for_labelling=self._queue_if_uncertain(
-                manifest, image, content_type, probabilities, entropy, normalized
+                manifest, image, digest, content_type, probabilities, ranked, entropy, normalized
             ),
-            input_sha256=hashlib.sha256(image).hexdigest(),
+            input_sha256=digest,
         )
 
     def _queue_if_uncertain(
         self,
         manifest: Manifest,
         image: bytes,
+        digest: str,
         content_type: str,
         probabilities: np.ndarray,
+        ranked: np.ndarray,
         entropy: float,
         normalized: float,
     ) -> bool:
@@ -134,13 +137,13 @@ class Predictor:
             return False
         metrics.LOW_CONFIDENCE.labels(manifest.name).inc()
         record = TaskRecord(
-            id=hashlib.sha256(image).hexdigest(),
+            id=digest,
             content_type=content_type,
             model_name=manifest.name,
             model_version=manifest.version,
             guesses=[
                 Guess(label=manifest.classes[i], probability=float(probabilities[i]))
-                for i in np.argsort(probabilities)[::-1][:GUESSES_IN_TASK]
+                for i in ranked[:GUESSES_IN_TASK]
             ],
             entropy=entropy,
             normalized_entropy=normalized,
