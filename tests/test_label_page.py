@@ -46,8 +46,11 @@ def test_a_person_labels_with_keys_clicks_and_skips(
 
     page.keyboard.press("2")  # second class: light
     expect(page.locator("#status")).to_have_text("Labelled light.")
+    # The page ignores keys and clicks until the next task is shown; progress updates after it.
+    expect(page.locator("#progress")).to_contain_text("1 waiting · 1 being labelled")
     page.get_by_role("button", name="Skip").click()
     expect(page.locator("#status")).to_have_text("Skipped.")
+    expect(page.locator("#progress")).to_contain_text("0 waiting · 2 being labelled")
     page.get_by_role("button", name="dark").click()
     expect(page.locator("#status")).to_have_text("Labelled dark.")
     expect(page.locator("#progress")).to_contain_text("You labelled 2 this session")
