@@ -123,3 +123,16 @@ def test_missing_imagenet_weights_say_where_to_put_them(
         build_classifier(architecture, "imagenet")
     with pytest.raises(WeightsError, match="not found"):
         build_classifier(architecture, str(tmp_path / "nope.pt"))
+
+
+def test_untrained_backbone_spreads_first_over_pixels(digits: Dataset) -> None:
+    pixels_first = run_pipeline(digits, TrainConfig(**TINY)).stages[1].details
+    assert pixels_first["round1_spread_on_inputs"] == 1
+    assert pixels_first["round2_spread_on_inputs"] == 0
+    # 3 supervised steps teach the backbone nothing; the pixels of digits already cluster.
+    assert pixels_first["round1_pseudo_label_accuracy"] > 0.8
+    embeddings = run_pipeline(digits, TrainConfig(**TINY, first_spreading_space="embeddings"))
+    details = embeddings.stages[1].details
+    assert details["round1_spread_on_inputs"] == 0
+    assert details["round1_pseudo_label_accuracy"] < pixels_first[
+        "round1_pseudo_label_accuracy"] - 0.05

@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 
 from models.errors import HalflabelError
 from models.repository import ModelRepository, default_root, parse_reference
-from trainer.config import Backbone, Device, TrainConfig
+from trainer.config import Backbone, Device, SpreadingSpace, TrainConfig
 from trainer.retrain import retrain_command
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -73,6 +73,9 @@ def fit(
     spreading_rounds: Annotated[int | None, typer.Option(
         min=1, help="label spreading rounds, each on the embeddings the last one improved")
     ] = None,
+    first_spreading_space: Annotated[SpreadingSpace | None, typer.Option(
+        help="first spreading round over inputs (pixels) or embeddings; auto: pixels of small "
+        "images when the backbone starts untrained")] = None,
     refine_steps: Annotated[int | None, typer.Option(
         min=0, help="FixMatch/FlexMatch refinement steps")] = None,
     spreading: Annotated[bool | None, typer.Option(

@@ -5,8 +5,14 @@
     print(evaluate_onnx(artifact, images, labels).accuracy)
 
 Stages: backbone (ImageNet / checkpoint / SimCLR pretraining) → supervised fine-tuning →
-label spreading on embeddings + training on its pseudo-labels → FixMatch/FlexMatch refinement →
-temperature scaling on a held-out slice of the labels. Each runs only when its budget is > 0.
+label spreading + training on its pseudo-labels → FixMatch/FlexMatch refinement → temperature
+scaling on a held-out slice of the labels. Each runs only when its budget is > 0.
+
+Label spreading runs in rounds, each on the embeddings the previous one improved. A backbone
+that starts untrained has learnt next to nothing from a handful of labels, so on small images
+(digits, Fashion-MNIST) the first round spreads over the pixels instead: on digits with 10
+labels that gives 62% correct pseudo-labels against 44% on such embeddings, and the network
+trained on them then yields embeddings that spread better than either (66%).
 """
 
 from __future__ import annotations
@@ -102,12 +108,15 @@ def run_pipeline(
 
 
 def split_held_out(labeled: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Keep `fraction` of each class's labels (at least one, never its last) for calibration."""
+    """Keep `fraction` of each class's labels for calibration: at least one, but never one that
+    would leave the class fewer than two to train on (at 10 labels, holding out a class's second
+    label cost 4 points of accuracy; one held-out image calibrates nothing anyway)."""
     rng = np.random.default_rng(seed)
     held: list[int] = []
     for label in np.unique(labeled.labels):
         members = np.flatnonzero(labeled.labels == label)
-        count = min(max(1, round(fraction * len(members))), len(members) - 1) if fraction else 0
+        wanted = max(1, round(fraction * len(members))) if fraction else 0
+        count = max(0, min(wanted, len(members) - 2))
         held.extend(rng.choice(members, size=count, replace=False))
     mask = np.zeros(len(labeled), dtype=bool)
     mask[np.asarray(held, dtype=np.int64)] = True
@@ -131,6 +140,7 @@ class _Run:
         self.images = torch.as_tensor(train.images, device=device)
         self.labels = torch.as_tensor(train.labels, device=device)
         self.pool = torch.as_tensor(dataset.unlabeled, device=device)
+        self.untrained = weights == "none" and not config.pretrain_steps
         self.results: list[StageResult] = []
         self.pseudo: PseudoLabels | None = None
 
@@ -170,26 +180,44 @@ class _Run:
                  for i in range(rounds)]
         details: dict[str, float] = {}
         for index, round_steps in enumerate(steps, start=1):
-            found = self.spread_and_train_once(round_steps, f"pseudo-labels {index}/{rounds}")
+            on_inputs = index == 1 and self.first_spreading_on_inputs()
+            found = self.spread_and_train_once(on_inputs, round_steps,
+                                               f"pseudo-labels {index}/{rounds}")
             details.update({f"round{index}_{key}": value for key, value in found.items()})
         return details
 
-    def spread_and_train_once(self, steps: int, description: str) -> dict[str, float]:
+    def first_spreading_on_inputs(self) -> bool:
+        space = self.config.first_spreading_space
+        if space == "auto":
+            return self.untrained and self.classifier.architecture.cifar_stem
+        return space == "inputs"
+
+    def spreading_features(self, on_inputs: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Features of the labeled images and of the pool: centred pixels, or embeddings."""
+        if on_inputs:
+            pixels = torch.cat([self.images, self.pool]).flatten(1).cpu().numpy()
+            pixels = pixels - pixels.mean(axis=0)  # cosine similarity of centred pixels
+            return pixels[: len(self.images)], pixels[len(self.images):]
         embed = self.classifier.embed
+        return predict(embed, self.images, self.runtime), predict(embed, self.pool, self.runtime)
+
+    def spread_and_train_once(self, on_inputs: bool, steps: int,
+                              description: str) -> dict[str, float]:
+        labeled, pool = self.spreading_features(on_inputs)
         pseudo = spread_labels(
-            predict(embed, self.images, self.runtime), self.labels.cpu().numpy(),
-            predict(embed, self.pool, self.runtime), len(self.dataset.classes),
+            labeled, self.labels.cpu().numpy(), pool, len(self.dataset.classes),
             self.config.spreading_neighbors, self.config.spreading_alpha,
         )
         device = self.runtime.device
         train_on_pseudo_labels(
             self.classifier, self.images, self.labels, self.pool,
-            torch.as_tensor(pseudo.labels, device=device),
+            torch.as_tensor(pseudo.targets, device=device),
             torch.as_tensor(pseudo.weights, device=device),
             steps, self.config, self.runtime, description,
         )
         self.pseudo = pseudo
-        details = {"mean_confidence": float(pseudo.confidence.mean())}
+        details = {"mean_confidence": float(pseudo.confidence.mean()),
+                   "spread_on_inputs": float(on_inputs)}
         if self.dataset.unlabeled_truth is not None:
             details["pseudo_label_accuracy"] = float(
                 np.mean(pseudo.labels == self.dataset.unlabeled_truth))

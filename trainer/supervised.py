@@ -29,10 +29,11 @@ def train_on_labels(
 
 def train_on_pseudo_labels(
     classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-    pool: torch.Tensor, pseudo_labels: torch.Tensor, pseudo_weights: torch.Tensor,
+    pool: torch.Tensor, pseudo_targets: torch.Tensor, pseudo_weights: torch.Tensor,
     steps: int, config: TrainConfig, runtime: Runtime, description: str = "pseudo-labels",
 ) -> list[float]:
-    """Each batch: labeled images (weight 1) plus pseudo-labeled ones weighted by confidence."""
+    """Each batch: labeled images plus pool images with soft targets (rows of class
+    probabilities), the latter weighted per image."""
     generator = runtime.generator(description)
     pool_batch = config.batch_size * config.unlabeled_ratio
 
@@ -43,7 +44,7 @@ def train_on_pseudo_labels(
                       generator)
         logits = module(inputs)
         supervised = F.cross_entropy(logits[: len(known)], labels[known])
-        pseudo = F.cross_entropy(logits[len(known):], pseudo_labels[guessed], reduction="none")
+        pseudo = F.cross_entropy(logits[len(known):], pseudo_targets[guessed], reduction="none")
         return supervised + (pseudo * pseudo_weights[guessed]).mean()
 
     return optimise(classifier, step_loss, steps, config.learning_rate, runtime, description)
