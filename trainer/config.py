@@ -31,6 +31,9 @@ class TrainConfig(BaseSettings):
     spreading_alpha: float = Field(
         0.9, gt=0, lt=1, description="how far labels spread; lower keeps the spread labels "
         "surer near the seeds (0.99 gave flatter, less accurate pseudo-labels on digits)")
+    pixel_spreading_gamma: float = Field(
+        30.0, gt=0, description="edge weight exponent over pixels; their cosine similarities "
+        "bunch near 1, so the 3 Iscen et al. use for embeddings barely tells near from far")
     spreading_rounds: int = Field(2, ge=1, description="re-spread on the improved embeddings")
     first_spreading_space: SpreadingSpace = Field(
         "auto", description="what the first round spreads over; auto: the pixels of small "

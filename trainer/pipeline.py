@@ -39,7 +39,7 @@ from trainer.network import Architecture, Classifier, build_classifier
 from trainer.optimise import predict
 from trainer.runtime import Runtime, start_runtime
 from trainer.simclr import pretrain
-from trainer.spreading import PseudoLabels, spread_labels
+from trainer.spreading import EMBEDDING_GAMMA, PseudoLabels, spread_labels
 from trainer.supervised import train_on_labels, train_on_pseudo_labels
 
 
@@ -204,9 +204,11 @@ class _Run:
     def spread_and_train_once(self, on_inputs: bool, steps: int,
                               description: str) -> dict[str, float]:
         labeled, pool = self.spreading_features(on_inputs)
+        config = self.config
         pseudo = spread_labels(
             labeled, self.labels.cpu().numpy(), pool, len(self.dataset.classes),
-            self.config.spreading_neighbors, self.config.spreading_alpha,
+            config.spreading_neighbors, config.spreading_alpha,
+            config.pixel_spreading_gamma if on_inputs else EMBEDDING_GAMMA,
         )
         device = self.runtime.device
         train_on_pseudo_labels(

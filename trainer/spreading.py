@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+EMBEDDING_GAMMA = 3.0  # edge weight exponent over embeddings, as in Iscen et al.
+
 
 @dataclass(frozen=True)
 class PseudoLabels:
@@ -35,14 +37,17 @@ def spread_labels(
     num_classes: int,
     n_neighbors: int,
     alpha: float,
+    gamma: float = EMBEDDING_GAMMA,
 ) -> PseudoLabels:
-    """Spread `labels` over a kNN graph of all features; returns the unlabeled pool's labels."""
+    """Spread `labels` over a kNN graph of all features, edges weighted sim**gamma; returns the
+    unlabeled pool's pseudo-labels."""
     from trainer.label_spreading import LabelSpreading
 
     features = np.concatenate([labeled_features, unlabeled_features]).astype(np.float32)
     seeds = np.concatenate([labels, np.full(len(unlabeled_features), -1)])
     neighbours = min(n_neighbors, len(features) - 1)
-    model = LabelSpreading(n_neighbors=neighbours, alpha=alpha, classes=np.arange(num_classes))
+    model = LabelSpreading(n_neighbors=neighbours, alpha=alpha, gamma=gamma,
+                           classes=np.arange(num_classes))
     model.fit(features, seeds)
     pool = slice(len(labels), None)
     assigned = np.asarray(model.transduction_[pool], dtype=np.int64)
