@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export HALFLABEL_REDIS_URL ?= $(shell scripts/ensure-redis)
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ serve: install
 	$(BIN)/halflabel-train fit --data digits --name digits --if-empty
 	$(BIN)/halflabel-serve
 
+# The labelling page is tested in Debian's Chromium: Playwright cannot download its own here.
 test: install
-	scripts/ensure-browser
+	scripts/ensure-packages chromium chromium-driver
 	scripts/run-tests $(BIN)/python
+
+# What benchmarks/ needs beyond the venv: load generators and the Fashion-MNIST files.
+bench-tools: install
+	scripts/ensure-packages wrk hey dataset-fashion-mnist
 
 lint: install
 	$(BIN)/ruff check models service trainer tests benchmarks

@@ -17,8 +17,8 @@ rounds; the figure is accuracy on the images still unlabelled at each round.
 
 The training budget suits 10-30 labels: one spreading round, over pixels (also when retraining
 from the parent), then 300 steps on its soft pseudo-labels, and no FixMatch. Measured at 10
-labels: re-spreading over the embeddings of a network trained from scratch on them lowered the
-pseudo-labels from 67% to 32-62% correct depending on the run, and FixMatch's self-training
+labels: a second round over the embeddings of a network trained from scratch on them turned
+62-67% correct pseudo-labels into 32-62% depending on the run, and FixMatch's self-training
 amplified the errors of its own guesses (test accuracy 49% -> 27% in one run).
 
 Run: nice .venv/bin/python benchmarks/active_learning.py [--rounds 5] [--threads 2]

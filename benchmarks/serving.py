@@ -9,7 +9,7 @@ in one run on one machine:
 - naive: saturation throughput of a per-request PyTorch-eager endpoint (ResNet-18 only).
 ONNX Runtime and PyTorch get the same number of threads (`--threads`) everywhere.
 
-Run: .venv/bin/python benchmarks/serving.py   (needs wrk and hey: apt-get install wrk hey)
+Run: .venv/bin/python benchmarks/serving.py   (needs wrk and hey: `make bench-tools`)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ CHROMIUM_ARGS = [
 @pytest.fixture
 def browser() -> Iterator[Browser]:
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/ensure-browser")
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/ensure-packages chromium chromium-driver")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
