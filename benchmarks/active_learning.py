@@ -70,7 +70,8 @@ POOL_SIZE, INITIAL_LABELS, PER_ROUND = 330, 10, 5
 CLASSES = tuple(str(d) for d in range(10))
 MODEL = "al-digits"
 SHOWN_CONFIG = {"backbone", "supervised_steps", "pseudo_steps", "refine_steps", "spreading_rounds",
-                "first_spreading_space", "spreading_alpha", "calibration_fraction"}
+                "first_spreading_space", "spreading_neighbors", "spreading_alpha",
+                "pixel_spreading_gamma", "calibration_fraction"}
 console = Console()
 app = typer.Typer(add_completion=False)
 

@@ -111,8 +111,8 @@ def test_labeled_fraction_and_folder_budget_move_the_rest_to_unlabeled(tmp_path:
         load_dataset(str(root), labels_per_class=1, labeled_fraction=0.5, progress=False)
 
 
-def test_held_out_slice_keeps_at_least_two_labels_per_class_for_training() -> None:
-    for per_class, trained, held in ((1, 1, 0), (2, 2, 0), (3, 2, 1), (10, 8, 2)):
+def test_held_out_slice_rounds_down_and_keeps_two_labels_per_class_for_training() -> None:
+    for per_class, trained, held in ((1, 1, 0), (2, 2, 0), (4, 4, 0), (5, 4, 1), (10, 8, 2)):
         labeled = load_dataset("digits", labels_per_class=per_class, progress=False).labeled
         train, held_out = split_held_out(labeled, 0.2, seed=0)
         assert np.bincount(train.labels, minlength=10).tolist() == [trained] * 10

@@ -69,6 +69,8 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
     ----------
     classes_, label_distributions_ (n, n_classes, rows sum to 1), transduction_,
     confidence_ (1 - H(p) / log(n_classes), the per-sample weight of Iscen et al.),
+    label_mass_ (the row sums of F before normalising: how much seed mass reaches each
+    sample; a far-off cluster gets little, however peaked its normalised row),
     n_iter_, n_features_in_, and for features index_ (`NeighbourIndex`): a float32 copy of
     the training features (n * d * 4 bytes) that inductive `predict` searches.
     """
@@ -157,9 +159,10 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         )
         spread = np.empty_like(spread_in_order)
         spread[order] = spread_in_order
+        self.label_mass_ = np.maximum(spread, 0).sum(axis=1)
         self.label_distributions_ = _normalize_rows(spread)
         self.transduction_ = self.classes_[np.argmax(self.label_distributions_, axis=1)]
-        self.confidence_ = _confidence(self.label_distributions_)
+        self.confidence_ = confidence(self.label_distributions_)
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -331,7 +334,7 @@ def _normalize_rows(scores: np.ndarray) -> np.ndarray:
     return np.divide(scores, totals, out=uniform, where=totals > 0)
 
 
-def _confidence(distributions: np.ndarray) -> np.ndarray:
+def confidence(distributions: np.ndarray) -> np.ndarray:
     """1 - H(p) / log(C): 1 for a one-hot row, 0 for a uniform one."""
     p = distributions
     entropy = -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=1)
