@@ -19,7 +19,10 @@ def test_images_of_an_unlabelled_class_get_flat_targets() -> None:
     pool_classes = np.concatenate([pool_classes, np.full(6, -1)])
     labeled = centres[[0, 0, 1, 1]] + rng.normal(size=(4, 16))
 
-    pseudo = spread_labels(labeled, np.array([0, 0, 1, 1]), pool, 3, n_neighbors=5, alpha=0.9)
+    pseudo = spread_labels(labeled, np.array([0, 0, 1, 1]), pool, 3, n_neighbors=5, alpha=0.9,
+                           unreached_prior=0.01)
+    without_prior = spread_labels(labeled, np.array([0, 0, 1, 1]), pool, 3, n_neighbors=5,
+                                  alpha=0.9)
 
     np.testing.assert_allclose(pseudo.targets.sum(axis=1), 1, atol=1e-6)
     np.testing.assert_array_equal(pseudo.targets.argmax(axis=1), pseudo.labels)
@@ -29,4 +32,6 @@ def test_images_of_an_unlabelled_class_get_flat_targets() -> None:
     # so a network trained on them is unsure there and the service queues those images first.
     peak = pseudo.targets.max(axis=1)
     assert np.median(peak[unlabelled_class]) < np.median(peak[known]) - 0.2
+    # Normalised rows alone call the trickle from class 1 certain.
+    assert np.median(without_prior.confidence[unlabelled_class]) > 0.9
     np.testing.assert_allclose(peak, pseudo.confidence + (1 - pseudo.confidence) / 3, rtol=1e-5)

@@ -34,6 +34,11 @@ class TrainConfig(BaseSettings):
     pixel_spreading_gamma: float = Field(
         30.0, gt=0, description="edge weight exponent over pixels; their cosine similarities "
         "bunch near 1, so the 3 Iscen et al. use for embeddings barely tells near from far")
+    unreached_prior: float = Field(
+        0.0, ge=0, description="uniform prior, in units of the pool's median label mass, added "
+        "before a pseudo-label's confidence is taken: images little label mass reaches (a class "
+        "nobody has labelled yet) get flat targets and head the labelling queue; 0.01 suits a "
+        "handful of labels that may miss classes, and costs accuracy once every class has some")
     spreading_rounds: int = Field(2, ge=1, description="re-spread on the improved embeddings")
     first_spreading_space: SpreadingSpace = Field(
         "auto", description="what the first round spreads over; auto: the pixels of small "
