@@ -52,7 +52,7 @@ def _train_one_rank(rank: int, port: int, out: Path) -> None:
     from trainer.pipeline import run_pipeline
     from trainer.runtime import stop_runtime
 
-    dataset = load_dataset("digits", labels_per_class=3, progress=False)
+    dataset = load_dataset("digits", labels_per_class=5, progress=False)
     config = TrainConfig(threads=1, progress=False, batch_size=8, supervised_steps=3,
                          pseudo_steps=3, refine_steps=2, device="cpu")
     trained = run_pipeline(dataset, config)
