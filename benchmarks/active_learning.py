@@ -19,9 +19,8 @@ The training budget suits 10-30 labels: two spreading rounds, the first over pix
 retraining from the parent), the second over the embeddings of the network trained on the
 first round's labels, 150 steps on each round's soft pseudo-labels whose confidence counts the
 label mass reaching an image (`unreached_prior` 0.01, so the classes the first labels miss are
-queued), and no FixMatch. FixMatch's
-self-training amplified the errors of its own guesses at 10 labels (test accuracy 49% -> 27%
-in one run).
+queued), and no FixMatch: its self-training amplified the errors of its own guesses at 10
+labels (test accuracy 49% -> 27% in one run).
 
 Run: nice .venv/bin/python benchmarks/active_learning.py [--rounds 5] [--threads 2]
 (needs Redis at HALFLABEL_REDIS_URL, default 127.0.0.1:6379; its keys use a private prefix

@@ -62,11 +62,13 @@ def spread_labels(
     model.fit(features, seeds)
     pool = slice(len(labels), None)
     assigned = np.asarray(model.transduction_[pool], dtype=np.int64)
-    mass = model.label_mass_[pool]
-    prior = max(unreached_prior * np.median(mass), np.finfo(np.float64).tiny)
-    with_prior = ((model.label_distributions_[pool] * mass[:, None] + prior / num_classes)
-                  / (mass + prior)[:, None])
-    certainty = confidence(with_prior).astype(np.float32)
+    certainty = np.asarray(model.confidence_[pool], dtype=np.float32)
+    if unreached_prior > 0:
+        mass = model.label_mass_[pool]
+        prior = max(unreached_prior * np.median(mass), np.finfo(np.float64).tiny)
+        with_prior = ((model.label_distributions_[pool] * mass[:, None] + prior / num_classes)
+                      / (mass + prior)[:, None])
+        certainty = confidence(with_prior).astype(np.float32)
     counts = np.bincount(assigned, minlength=num_classes).astype(np.float32)
     balance = len(assigned) / (num_classes * np.maximum(counts, 1))
     targets = (certainty[:, None] * np.eye(num_classes, dtype=np.float32)[assigned]
