@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -39,7 +40,9 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x.astype(np.float32), y, _hide_labels(y, per_class=5)
 
 
-@parametrize_with_checks([LabelSpreading(n_neighbors=5)])
+@parametrize_with_checks(
+    [LabelSpreading(n_neighbors=5), LabelSpreading(n_neighbors=5, method="poisson")]
+)
 def test_scikit_learn_estimator_checks(estimator, check) -> None:
     check(estimator)
 
@@ -99,6 +102,35 @@ def test_default_float32_solve_stays_close_to_the_exact_one(digits) -> None:
     assert np.mean(fast.transduction_ == exact.transduction_) > 0.99
 
 
+def test_poisson_learning_solves_the_poisson_equation_on_the_graph(digits) -> None:
+    """L U = B: the Laplacian of the scores is each seed's centred label, zero elsewhere."""
+    x, _, partial = digits
+    features = prepare_features(x, "cosine")
+    index = NeighbourIndex.build(features, "cosine", approximate=False)
+    graph = knn_affinity(*index.search(features, 10, exclude_self=True), "cosine", 3.0)
+    model = LabelSpreading(metric="precomputed", method="poisson", tol=1e-10).fit(graph, partial)
+    laplacian = sp.diags(np.asarray(graph.sum(axis=1)).ravel()) - graph
+    scores = laplacian @ model.scores_
+    labeled = partial != -1
+    seeds = np.eye(10)[partial[labeled]] / 5
+    np.testing.assert_allclose(scores[labeled], seeds - seeds.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(scores[~labeled], 0, atol=1e-6)
+
+
+def test_poisson_learning_beats_spreading_at_one_label_per_class(digits) -> None:
+    """Calder et al.: at very low label rates spreading flattens, Poisson keeps classes apart."""
+    x, y, _ = digits
+    poisson, spreading = [], []
+    for seed in range(5):
+        partial = _hide_labels(y, per_class=1, seed=seed)
+        unlabeled = partial == -1
+        for method, scores in (("poisson", poisson), ("spreading", spreading)):
+            model = LabelSpreading(method=method, gamma=30.0).fit(x, partial)
+            scores.append(np.mean(model.transduction_[unlabeled] == y[unlabeled]))
+    assert np.mean(poisson) > np.mean(spreading)
+    assert np.mean(poisson) > 0.85
+
+
 def test_precomputed_graph_and_features_give_the_same_result(digits) -> None:
     x, _, partial = digits
     from_features = LabelSpreading(n_neighbors=8).fit(x, partial)
@@ -119,6 +151,19 @@ def test_edge_list_input_spreads_within_connected_components() -> None:
     model = LabelSpreading(metric="precomputed").fit(graph, y)
     np.testing.assert_array_equal(model.transduction_, [0, 0, 0, 0, 1, 1, 1, 1])
     assert np.all(model.confidence_ > 0.99)
+
+
+def test_poisson_learning_solves_each_connected_component() -> None:
+    # Two paths, 0..5 and 6..11, each with a seed of either class at its ends: on a graph in
+    # pieces the singular Poisson system must still converge, component by component.
+    rows = [i for i in range(11) if i != 5]
+    graph = edge_affinity(np.array(rows), np.array(rows) + 1, np.ones(10), n_samples=12)
+    y = np.full(12, -1)
+    y[[0, 11]], y[[5, 6]] = 0, 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model = LabelSpreading(metric="precomputed", method="poisson").fit(graph, y)
+    np.testing.assert_array_equal(model.transduction_, [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0])
 
 
 def test_class_balance_evens_out_unequal_seed_counts() -> None:

@@ -1,4 +1,5 @@
-"""Label spreading on a sparse kNN graph (Zhou et al. 2004, as used by Iscen et al. CVPR 2019).
+"""Label spreading on a sparse kNN graph (Zhou et al. 2004, as used by Iscen et al. CVPR 2019),
+and Poisson learning on the same graph (Calder et al. ICML 2020) for very few labels.
 
 A scikit-learn compatible estimator whose memory is O(n * k) rather than scikit-learn's dense
 n-by-n kernel: the graph comes from faiss nearest-neighbour search (see `trainer.knn_graph`),
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
@@ -47,10 +49,18 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
     F <- alpha S F + (1 - alpha) Y, by conjugate gradient; rows of F are then normalised
     (a sample no seed reaches gets the uniform distribution).
 
+    With `method='poisson'` the seeds become sources and sinks: each seed column is centred
+    on the labeled samples (they sum to zero) and the Poisson equation L U = B is solved on the
+    graph Laplacian L = D - W, as (I - S) V = D^-1/2 B, U = D^-1/2 V, by the same conjugate
+    gradient (`alpha` is not used). At one or a few labels per class, where spreading's
+    solution flattens towards a constant away from the seeds, Poisson learning keeps the
+    classes apart.
+
     Parameters
     ----------
     n_neighbors : neighbours per sample in the graph and for inductive `predict`.
     alpha : soft clamping in (0, 1); closer to 1 spreads further from the seeds.
+    method : 'spreading' (Zhou et al.) or 'poisson' (Calder et al.).
     metric : 'cosine', 'euclidean', or 'precomputed' (X is a symmetric affinity matrix,
         e.g. from `edge_affinity`; predict then takes (n_queries, n_train) affinities).
     gamma : edge-weight sharpness; 0 gives plain connectivity.
@@ -67,7 +77,8 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
 
     Attributes
     ----------
-    classes_, label_distributions_ (n, n_classes, rows sum to 1), transduction_,
+    classes_, scores_ (the solver's raw (n, n_classes) solution: spreading's F, Poisson's
+    potentials U), label_distributions_ (n, n_classes, rows sum to 1), transduction_,
     confidence_ (1 - H(p) / log(n_classes), the per-sample weight of Iscen et al.),
     label_mass_ (the row sums of F before normalising: how much seed mass reaches each
     sample; a far-off cluster gets little, however peaked its normalised row),
@@ -80,6 +91,7 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         n_neighbors: int = 10,
         alpha: float = 0.99,
         *,
+        method: str = "spreading",
         metric: str = "cosine",
         gamma: float = 3.0,
         class_balance: bool = True,
@@ -93,6 +105,7 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
     ) -> None:
         self.n_neighbors = n_neighbors
         self.alpha = alpha
+        self.method = method
         self.metric = metric
         self.gamma = gamma
         self.class_balance = class_balance
@@ -149,16 +162,10 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
             indices = np.where(indices >= 0, rank[indices], -1)[order]
             affinity = knn_affinity(scores[order], indices, self.metric, self.gamma)
             del scores, indices
-        spread_in_order, self.n_iter_ = _solve(
-            normalized_affinity(affinity),
-            seeds[order],
-            self.alpha,
-            self.tol,
-            self.max_iter,
-            self.verbose,
-        )
+        spread_in_order, self.n_iter_ = self._propagate(affinity, seeds[order])
         spread = np.empty_like(spread_in_order)
         spread[order] = spread_in_order
+        self.scores_ = spread
         self.label_mass_ = np.maximum(spread, 0).sum(axis=1)
         self.label_distributions_ = _normalize_rows(spread)
         self.transduction_ = self.classes_[np.argmax(self.label_distributions_, axis=1)]
@@ -199,11 +206,37 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         tags.input_tags.sparse = self.metric == "precomputed"
         return tags
 
+    def _propagate(self, affinity: sp.csr_matrix, seeds: np.ndarray) -> tuple[np.ndarray, int]:
+        """The (n, n_classes) scores the seeds give every sample, and the solver's iterations."""
+        if self.method == "spreading":
+            return _solve(
+                normalized_affinity(affinity),
+                seeds,
+                self.alpha,
+                self.tol,
+                self.max_iter,
+                self.verbose,
+            )
+        degree = np.asarray(affinity.sum(axis=1)).ravel()
+        # A sample without edges (IVF search can leave one) gets no score, not a division by 0.
+        scale = 1 / np.sqrt(np.maximum(degree, 1e-12))
+        sources = _poisson_sources(affinity, seeds, degree)
+        solution, iterations = _solve(
+            normalized_affinity(affinity),
+            sources * scale[:, None],
+            1.0,
+            self.tol,
+            self.max_iter,
+            self.verbose,
+        )
+        return solution * scale[:, None], iterations
+
     def _check_params(self) -> None:
         """Raise ValueError naming the first invalid parameter."""
         checks = {
             "n_neighbors": isinstance(self.n_neighbors, Integral) and self.n_neighbors >= 1,
             "alpha": isinstance(self.alpha, Real) and 0 < self.alpha < 1,
+            "method": self.method in ("spreading", "poisson"),
             "metric": self.metric in (*METRICS, "precomputed"),
             "gamma": isinstance(self.gamma, Real) and 0 <= self.gamma < np.inf,
             "search": self.search in ("auto", "exact", "ivf"),
@@ -248,6 +281,20 @@ class LabelSpreading(ClassifierMixin, BaseEstimator):
         return seeds
 
 
+def _poisson_sources(affinity: sp.csr_matrix, seeds: np.ndarray, degree: np.ndarray) -> np.ndarray:
+    """Calder et al.'s sources: each seed minus the mean seed, then a sink spread over each
+    connected component by degree, so every column sums to zero on every component and the
+    singular system L U = B has a solution there (CG diverges on a graph in pieces otherwise).
+    """
+    labeled: np.ndarray = seeds.any(axis=1)
+    sources = np.where(labeled[:, None], seeds - seeds[labeled].mean(axis=0), 0.0)
+    _, component = connected_components(affinity, directed=False)
+    totals = np.zeros((component.max() + 1, seeds.shape[1]))
+    np.add.at(totals, component, sources)
+    volume = np.maximum(np.bincount(component, weights=degree), 1e-12)
+    return sources - degree[:, None] * (totals / volume[:, None])[component]
+
+
 def _check_affinity(affinity: sp.csr_matrix | np.ndarray) -> sp.csr_matrix:
     """A square, symmetric, finite, non-negative affinity matrix as CSR."""
     affinity = sp.csr_matrix(affinity)
@@ -267,7 +314,9 @@ def _solve(
 ) -> tuple[np.ndarray, int]:
     """Solve (I - alpha S) F = Y for all seeded columns at once by conjugate gradient.
 
-    I - alpha S is symmetric positive definite for a normalised symmetric S and alpha < 1.
+    I - alpha S is symmetric positive definite for a normalised symmetric S and alpha < 1;
+    at alpha = 1 it is semi-definite, and CG converges for seeds orthogonal to its null space
+    D^1/2 1 (Poisson learning's centred sources).
     Each column keeps its own step sizes; stops when every relative residual is below tol.
     Runs in float32 (half the memory traffic) unless tol < 1e-5 asks for float64.
     """
