@@ -286,8 +286,9 @@ def _poisson_sources(affinity: sp.csr_matrix, seeds: np.ndarray, degree: np.ndar
     connected component by degree, so every column sums to zero on every component and the
     singular system L U = B has a solution there (CG diverges on a graph in pieces otherwise).
     """
-    labeled: np.ndarray = seeds.any(axis=1)
-    sources = np.where(labeled[:, None], seeds - seeds[labeled].mean(axis=0), 0.0)
+    labeled = np.flatnonzero(seeds.any(axis=1))
+    sources = np.zeros_like(seeds)
+    sources[labeled] = seeds[labeled] - seeds[labeled].mean(axis=0)
     _, component = connected_components(affinity, directed=False)
     totals = np.zeros((component.max() + 1, seeds.shape[1]))
     np.add.at(totals, component, sources)
