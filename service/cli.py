@@ -17,7 +17,7 @@ from pydantic_settings import CliApp, SettingsError
 from models.errors import HalflabelError
 from service.app import create_app
 from service.security import check_exposure
-from service.server import Server
+from service.server import Server, raise_file_limit
 from service.settings import Settings
 
 
@@ -29,6 +29,7 @@ def app(argv: list[str] | None = None) -> None:
             level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
         )
         check_exposure(settings)
+        raise_file_limit(settings)
         service = create_app(settings)
     except ValidationError as exc:
         first = exc.errors()[0]

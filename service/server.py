@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import socket
 from http import HTTPStatus
 from typing import Any
@@ -22,11 +23,13 @@ from litestar import Litestar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from models.errors import HalflabelError
 from service.security import is_loopback
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 EXAMPLE_IMAGE = "docs/example-digit.png"
+FILES_BESIDE_CONNECTIONS = 256  # the model, Redis, logs, the spool, the listening socket...
 
 
 class _Refused(Exception):
@@ -88,13 +91,13 @@ class LimitedProtocol(HttpToolsProtocol):
         if self._awaiting_headers:
             if self._deadline is None:
                 self._arm(self.limits.header_timeout_s, self._headers_too_slow)
-            # The parser buffers headers until they are complete: bound that to the limit plus
-            # one read (the exact check, once they are complete, is in on_headers_complete).
-            if self._header_bytes_received > self.limits.max_header_bytes:
-                self._answer_and_close(*self._headers_too_large())
-                return
             self._header_bytes_received += len(data)
         super().data_received(data)
+        # The parser buffers headers until they are complete: this bounds that buffer to the
+        # limit plus one read (the exact check, once they are complete, is on_headers_complete).
+        too_long = self._header_bytes_received > self.limits.max_header_bytes
+        if self._awaiting_headers and too_long and not self.transport.is_closing():
+            self._answer_and_close(*self._headers_too_large())
 
     def on_headers_complete(self) -> None:
         size = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
@@ -163,6 +166,23 @@ class LimitedProtocol(HttpToolsProtocol):
             % (status, status.phrase.encode(), len(body), retry, body)
         )
         self.transport.close()
+
+
+class FileLimitError(HalflabelError):
+    """The process may not open enough files for its connection cap."""
+
+
+def raise_file_limit(settings: Settings) -> None:
+    """Lift the soft open-file limit so that `max_connections` is reached before it is."""
+    needed = settings.max_connections + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise FileLimitError(
+                f"{settings.max_connections} connections need {needed} open files and the "
+                f"limit is {hard}: lower HALFLABEL_MAX_CONNECTIONS or raise 'ulimit -n'"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 class Server(uvicorn.Server):
