@@ -15,6 +15,7 @@ import json
 import logging
 import resource
 import socket
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -144,7 +145,7 @@ class LimitedProtocol(HttpToolsProtocol):
         log.info("closing a connection whose request body took too long: %s", self.client)
         self.transport.close()
 
-    def _arm(self, seconds: float, callback: Any) -> None:
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         self._disarm()
         self._deadline = self.loop.call_later(seconds, callback)
 
