@@ -35,7 +35,9 @@ def app(argv: list[str] | None = None) -> None:
         first = exc.errors()[0]
         where, why = ".".join(map(str, first["loc"])), first["msg"].removeprefix("Value error, ")
         _fail(f"bad setting {where}: {why}")
-    except (HalflabelError, SettingsError) as exc:
+    except SettingsError as exc:  # what argparse refuses: unknown flags, missing values
+        _fail(f"{str(exc).removeprefix('error parsing CLI: ')}; see halflabel-serve --help")
+    except HalflabelError as exc:
         _fail(str(exc))
     Server(service, settings).run()
 

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         cli_implicit_flags=True,
         cli_show_env_vars=True,
-        cli_exit_on_error=True,
+        cli_exit_on_error=False,
     )
 
     host: str = Field(default="127.0.0.1", description="Address to listen on")

@@ -49,6 +49,7 @@ def test_help_lists_every_setting_with_its_description_default_and_variable() ->
         (["--max-batch-size", "0"], "error: bad setting max_batch_size"),
         (["--header-timeout-s", "-1"], "error: bad setting header_timeout_s"),
         (["--max-connections", "100000000"], "error: 100000000 connections need 100000256"),
+        (["--no-such-flag"], "error: unrecognized arguments: --no-such-flag; see halflabel-serve"),
         (["--api-keys", "k:nosuchscope"], "error: bad setting api_keys: bad API key entry"),
     ],
 )
