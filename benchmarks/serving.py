@@ -331,7 +331,7 @@ def report(figures: list[Figures], threads: int, seconds: float, rounds: int) ->
                       f"half load achieved {f.half_load_rate:.1f} req/s")
     load = os.getloadavg()
     console.print(
-        f"machine: {_cpu_name()}, {os.cpu_count()} cores, load average {load[0]:.1f} "
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, load average {load[0]:.1f} "
         f"{load[1]:.1f} {load[2]:.1f}; ORT/torch threads {threads}; {rounds} rounds of "
         f"{seconds:g}s per figure"
     )
@@ -341,7 +341,7 @@ def _list(values: list[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in values) or "-"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()

@@ -2,4 +2,4 @@
 
 from service.cli import app
 
-app(prog_name="halflabel-serve")
+app()

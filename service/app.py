@@ -30,6 +30,7 @@ from service.problems import EXCEPTION_HANDLERS
 from service.queue_pusher import QueuePusher
 from service.security import requires_scope
 from service.settings import Settings
+from service.spool import Spool
 
 REDIS_TIMEOUT_S = 2.0
 # Requests by method, route template and status, and their latency histogram.
@@ -51,7 +52,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
     )
     labelling_queue = LabellingQueue(queue_client, settings.queue_prefix)
-    pusher = QueuePusher(labelling_queue, settings.push_buffer_size)
+    spool = Spool(settings.spool_dir, settings.push_buffer_size, settings.spool_max_bytes)
+    pusher = QueuePusher(labelling_queue, spool)
     state = State(
         {
             "settings": settings,
@@ -70,13 +72,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         host.start()
         queue_metrics = QueueMetrics(labelling_queue)
         REGISTRY.register(queue_metrics)
-        tasks = [asyncio.create_task(pusher.run()), asyncio.create_task(host.poll())]
+        pusher.start()
+        tasks = [asyncio.create_task(host.poll())]
         try:
             yield
         finally:
             REGISTRY.unregister(queue_metrics)
             for task in tasks:
                 task.cancel()
+            await pusher.close()
             await host.close()
             await app.state.redis.aclose()
             queue_client.close()

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from service.schemas import PredictRequest
 
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
 
 
 class UnsupportedMediaTypeError(HTTPException):

@@ -40,10 +40,10 @@ QUEUE_PUSH_FAILURES = Counter(
 )
 QUEUE_PUSH_DROPPED = Counter(
     "halflabel_labelling_push_dropped",
-    "Low-confidence inputs not queued because the outage buffer was full",
+    "Low-confidence inputs given up: the spool was full or unwritable, or the queue refused them",
 )
 QUEUE_PUSH_BUFFERED = Gauge(
-    "halflabel_labelling_push_buffered", "Low-confidence inputs waiting to be pushed to Redis"
+    "halflabel_labelling_push_buffered", "Low-confidence inputs in the spool, not yet in Redis"
 )
 MODEL_VERSION = Gauge("halflabel_model_version", "Version of the model being served", ["model"])
 MODEL_LOAD_FAILURES = Counter(

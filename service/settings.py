@@ -1,7 +1,9 @@
-"""Service configuration: `HALFLABEL_*` environment variables, mirrored by CLI flags."""
+"""Service configuration: one model, read from `HALFLABEL_*` environment variables and, through
+`service.cli`, from `halflabel-serve` flags generated from the same fields."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,41 +12,106 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
 from models.queue import DEFAULT_PREFIX
-from models.repository import default_root
+from models.repository import DEFAULT_ROOT
 
 SCOPES = ("predict", "label", "admin")
 Scope = Literal["predict", "label", "admin"]
+DEFAULT_SPOOL_DIR = Path(tempfile.gettempdir()) / "halflabel-spool"
 
 
 class Settings(BaseSettings):
-    """Everything the service can be told; each field is `HALFLABEL_<FIELD>` in the environment."""
+    """Serve a model over HTTP. Each flag is also the environment variable shown with it."""
 
-    model_config = SettingsConfigDict(env_prefix="HALFLABEL_", protected_namespaces=())
+    # Every field becomes `HALFLABEL_<FIELD>` and `--<field-with-dashes>` (see service.cli); its
+    # description is the flag's help, so each field needs one.
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    model_dir: Path = Field(default_factory=default_root, description="Model repository root")
-    model_name: str = "digits"
-    model_version: int | None = Field(default=None, ge=1, description="Pin a version; else latest")
-    poll_interval_s: float = Field(default=5.0, gt=0, description="How often to look for versions")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads; 0 = cores")
-    max_batch_size: int = Field(default=32, ge=1)
-    max_queue_delay_ms: float = Field(default=2.0, ge=0)
-    max_queue_size: int = Field(default=1024, ge=1, description="Inputs held at once; more → 503")
-    request_timeout_s: float = Field(default=30.0, gt=0)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    queue_prefix: str = DEFAULT_PREFIX
+    model_config = SettingsConfigDict(
+        env_prefix="HALFLABEL_",
+        protected_namespaces=(),
+        cli_prog_name="halflabel-serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_show_env_vars=True,
+        cli_exit_on_error=False,
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0: any free)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe log messages shown"
+    )
+    model_dir: Path = Field(default=DEFAULT_ROOT, description="Model repository root")
+    model_name: str = Field(default="digits", description="Model to serve")
+    model_version: int | None = Field(
+        default=None, ge=1, description="Pin a version (disables polling); else the latest"
+    )
+    poll_interval_s: float = Field(
+        default=5.0, gt=0, description="Seconds between looks for new versions"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where ONNX Runtime runs; auto = CUDA if a GPU is present"
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime threads per batch; 0 = all cores"
+    )
+    max_batch_size: int = Field(default=32, ge=1, description="Largest batch the batcher forms")
+    max_queue_delay_ms: float = Field(
+        default=2.0, ge=0, description="Longest an input waits for others to join its batch"
+    )
+    max_queue_size: int = Field(
+        default=1024, ge=1, description="Inputs held at once; more: 503, more in one request: 413"
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Per-request limit (504)")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis of the labelling queue"
+    )
+    queue_prefix: str = Field(
+        default=DEFAULT_PREFIX, description="Prefix of the queue's Redis keys"
+    )
     entropy_threshold: float | None = Field(
         default=None, ge=0, le=1, description="Override the manifest's queueing threshold"
     )
-    push_buffer_size: int = Field(default=1000, ge=1, description="Queue pushes held in an outage")
+    push_buffer_size: int = Field(
+        default=1000, ge=1, description="Inputs for the queue held in the spool while Redis is away"
+    )
+    spool_dir: Path = Field(
+        default=DEFAULT_SPOOL_DIR,
+        description="Where inputs for the queue wait on disk until Redis has them (one service "
+        "process per directory)",
+    )
+    spool_max_bytes: int = Field(
+        default=512 * 2**20, ge=1, description="Disk the spool may use; beyond it, not queued"
+    )
     api_keys: Annotated[dict[str, frozenset[Scope]], NoDecode] = Field(
-        default_factory=dict, description="'key1:predict,label;key2:admin'"
+        default_factory=dict,
+        description="API keys and their scopes: 'KEY:SCOPE[,SCOPE];KEY2:SCOPE' (none: open)",
     )
     allow_open: bool = Field(default=False, description="Listen beyond loopback without API keys")
-    max_body_bytes: int = Field(default=10_000_000, ge=1)
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_body_bytes: int = Field(default=10_000_000, ge=1, description="Request body limit (413)")
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS, ge=1, description="Pixels per image (decompression bombs)"
+    )
+    # Connection-level limits, enforced by service.server before a request reaches the app.
+    max_header_bytes: int = Field(
+        default=32_768, ge=1024, description="Request line plus headers, in bytes (431)"
+    )
+    max_header_count: int = Field(default=100, ge=1, description="Headers per request (431)")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time a client has to send a request's headers (408)"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Time a client has to send a body once its headers are in"
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="Idle seconds before a keep-alive connection is closed"
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections; more are answered 503 and closed"
+    )
+    backlog: int = Field(default=2048, ge=1, description="Connections waiting to be accepted")
+    shutdown_timeout_s: int = Field(
+        default=20, ge=1, description="On SIGTERM, time left to requests in flight"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

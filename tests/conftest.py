@@ -132,7 +132,9 @@ class LiveService:
 def start_service(env_overrides: dict[str, str], log: Path, timeout: float = 60) -> LiveService:
     """Start `python -m service` on a free loopback port and wait until it is ready."""
     port = free_port()
-    env = {**os.environ, "HALFLABEL_REDIS_URL": REDIS_URL, **env_overrides}
+    # Each service its own spool unless the test shares one between runs.
+    env = {**os.environ, "HALFLABEL_REDIS_URL": REDIS_URL,
+           "HALFLABEL_SPOOL_DIR": str(log.with_suffix(".spool")), **env_overrides}
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],

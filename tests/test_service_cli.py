@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from models.repository import ModelRepository
+from service.settings import Settings
 
 SERVE = Path(sys.executable).parent / "halflabel-serve"
 
@@ -27,12 +29,28 @@ def test_console_script_and_module_are_the_same_command() -> None:
     assert "--max-queue-delay-ms" in script.stdout and "--allow-open" in script.stdout
 
 
+def test_help_lists_every_setting_with_its_description_default_and_variable() -> None:
+    help_text = " ".join(run([str(SERVE), "--help"], {"COLUMNS": "200"}).stdout.split())
+    options = help_text[help_text.index("options:"):]
+    for name, field in Settings.model_fields.items():
+        entry = re.search(rf" --{name.replace('_', '-')}[ ,].*?(?= --(?!no-)[a-z]|$)", options)
+        assert entry is not None, f"{name} has no flag"
+        assert field.description and field.description in entry.group(), name
+        if field.default_factory is None:
+            default = "null" if field.default is None else field.default
+            assert f"(default: {default}) [env: HALFLABEL_{name.upper()}]" in entry.group(), name
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
         (["--model-name", "nope"], "error: no model named 'nope'"),
         (["--model-version", "9"], "error: model 'tiny' has no version 9"),
         (["--max-batch-size", "0"], "error: bad setting max_batch_size"),
+        (["--header-timeout-s", "-1"], "error: bad setting header_timeout_s"),
+        (["--max-connections", "100000000"], "error: 100000000 connections need 100000256"),
+        (["--no-such-flag"], "error: unrecognized arguments: --no-such-flag; see halflabel-serve"),
+        (["--api-keys", "k:nosuchscope"], "error: bad setting api_keys: bad API key entry"),
     ],
 )
 def test_flags_override_the_environment_and_errors_are_one_line(

@@ -1,7 +1,10 @@
-"""A Redis outage never fails a prediction: pushes wait in a bounded buffer until Redis is back."""
+"""A Redis outage never fails a prediction, and loses no input answered `queued_for_labelling`:
+they wait in a bounded on-disk spool until Redis is back, across restarts of the service."""
 
 from __future__ import annotations
 
+import hashlib
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -87,8 +90,59 @@ def test_predictions_survive_an_outage_and_buffered_pushes_arrive_after_it(
     finally:
         stop_service(service)
     assert [a.status_code for a in answers] == [200, 200, 200]
-    # The buffer holds two tasks; the third overflows, is reported as not queued, and counted.
+    # The spool holds two tasks; the third overflows, is reported as not queued, and counted.
     assert [p["queued_for_labelling"] for p in queued] == [True, True, False]
     assert metric(during, "halflabel_labelling_push_dropped_total") == 1
     assert metric(during, "halflabel_labelling_push_failures_total") >= 1
     assert pending == set(ids)
+    assert f"not queueing input {queued[2]['input_sha256']}" in service.log.read_text()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_inputs_queued_during_an_outage_reach_the_queue_after_the_service_stops(
+    model_repo: ModelRepository, private_redis: RedisServer, tmp_path: Path,
+    stop_signal: signal.Signals,
+) -> None:
+    spool = tmp_path / "spool"
+    env = tiny_env(model_repo, "spooled", redis_url=private_redis.url, spool_dir=str(spool))
+    service = start_service(env, tmp_path / "first.log")
+    try:
+        private_redis.stop()
+        with service.client() as http:
+            answers = [http.post("/v1/predict", content=grey_png(level), headers=PNG).json()
+                       for level in range(120, 135)]
+        service.process.send_signal(stop_signal)
+        service.process.wait(timeout=30)
+    finally:
+        stop_service(service)
+    queued = {a["predictions"][0]["input_sha256"] for a in answers
+              if a["predictions"][0]["queued_for_labelling"]}
+    assert len(queued) == 15
+    assert len(list(spool.glob("*.task"))) == 15  # nothing reached Redis, everything is on disk
+
+    private_redis.start()
+    service = start_service(env, tmp_path / "second.log")
+    try:
+        keys, client = QueueKeys("spooled"), redis.Redis.from_url(private_redis.url)
+        deadline = time.monotonic() + 15
+        while client.zcard(keys.pending) < len(queued) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pending = {member.decode() for member in client.zrange(keys.pending, 0, -1)}
+        images = {task_id: client.get(keys.image(task_id)) for task_id in queued}
+    finally:
+        stop_service(service)
+    assert pending == queued
+    assert all(hashlib.sha256(image or b"").hexdigest() == i for i, image in images.items())
+    assert not list(spool.glob("*.task"))  # removed once Redis had them
+
+
+def test_a_spool_directory_serves_one_process_at_a_time(
+    model_repo: ModelRepository, tmp_path: Path
+) -> None:
+    env = tiny_env(model_repo, "locked", spool_dir=str(tmp_path / "spool"))
+    service = start_service(env, tmp_path / "first.log")
+    try:
+        with pytest.raises(RuntimeError, match="is in use by another service process"):
+            start_service(env, tmp_path / "second.log")
+    finally:
+        stop_service(service)

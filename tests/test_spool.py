@@ -1,0 +1,70 @@
+"""The on-disk spool: entries persist across processes in order, bounded, one process at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.queue import Guess, TaskRecord
+from service.spool import Spool, SpoolError, read_entry
+
+
+def record(n: int) -> TaskRecord:
+    return TaskRecord(id=f"{n:064x}", content_type="image/png", model_name="tiny", model_version=1,
+                      guesses=[Guess(label="dark", probability=0.5)], entropy=0.69,
+                      normalized_entropy=1.0)
+
+
+def test_entries_come_back_oldest_first_after_a_reopen(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    records = [record(n) for n in range(3)]
+    for n in range(3):
+        assert spool.add(records[n], b"image %d\n\x00" % n) is None
+    spool.close()
+    (tmp_path / f".{'0' * 20}-x.task.tmp").write_bytes(b"half")  # a rename a crash interrupted
+
+    reopened = Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    assert len(reopened) == 3 and not list(tmp_path.glob(".*.tmp"))
+    for n in range(3):
+        oldest = reopened.oldest()
+        assert oldest is not None and read_entry(oldest) == (records[n], b"image %d\n\x00" % n)
+        reopened.remove_oldest()
+        assert not oldest.exists()
+    assert reopened.oldest() is None
+    reopened.close()
+
+
+def test_the_spool_refuses_entries_beyond_its_bounds(tmp_path: Path) -> None:
+    by_count = Spool(tmp_path / "count", max_entries=1, max_bytes=10**6)
+    assert by_count.add(record(0), b"x") is None
+    assert by_count.add(record(1), b"x") == "the spool holds its maximum of 1 inputs"
+    by_bytes = Spool(tmp_path / "bytes", max_entries=10, max_bytes=1000)
+    assert by_bytes.add(record(0), b"x" * 400) is None
+    assert "would exceed its 1000 bytes" in str(by_bytes.add(record(1), b"x" * 400))
+    by_bytes.remove_oldest()
+    assert by_bytes.add(record(1), b"x" * 400) is None  # removing frees the space
+
+
+def test_sync_skips_entries_already_pushed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    spool.add(record(0), b"a")
+    spool.add(record(1), b"b")
+    spool.remove_oldest()
+    spool.sync(spool.take_unsynced())
+    assert spool.take_unsynced() == []
+
+
+def test_a_directory_serves_one_spool_at_a_time(tmp_path: Path) -> None:
+    first = Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    with pytest.raises(SpoolError, match="in use by another service process"):
+        Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    first.close()
+    Spool(tmp_path, max_entries=10, max_bytes=10**6).close()
+
+
+def test_an_unwritable_directory_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SpoolError, match="set HALFLABEL_SPOOL_DIR to a writable directory"):
+        Spool(blocker / "spool", max_entries=1, max_bytes=1)
