@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
-from models.queue import DEFAULT_PREFIX
+from models.queue import DEFAULT_LEASE_SECONDS, DEFAULT_PREFIX
 from models.repository import default_root
 
 SCOPES = ("predict", "label", "admin")
@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     allow_open: bool = Field(default=False, description="Listen beyond loopback without API keys")
     max_body_bytes: int = Field(default=10_000_000, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    label_lease_seconds: float = Field(
+        default=DEFAULT_LEASE_SECONDS, gt=0, description="How long a claimed labelling task is held"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
