@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from litestar import MediaType, Response, get, post
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException
 from litestar.params import Parameter
 
 from models.labels import LabelRecord, LabelStore
@@ -82,7 +83,7 @@ def import_label_studio(
     try:
         annotations = [found for task in data if (found := label_studio.annotation_of(task))]
     except LabelStudioFormatError as exc:
-        raise refusal(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        raise _refused(str(exc)) from None
     checked = [(a, _classes_if_importable(state, queue, a)) for a in annotations]
     labels = [
         ImportedLabel(
@@ -105,26 +106,23 @@ def _classes_if_importable(
     """The classes the annotation's task accepts; a 422 if it cannot take the label."""
     task_id = annotation.task_id
     task = queue.task(task_id)
-    nothing = "; nothing was imported"
     if task is None:
-        raise refusal(
-            HTTPStatus.UNPROCESSABLE_ENTITY,
+        raise _refused(
             f"no task {task_id} in the queue: it was never queued here, or dropped or expired"
-            + nothing,
         )
     classes = classes_of(state, task.record)
     if annotation.label not in classes:
-        raise refusal(
-            HTTPStatus.UNPROCESSABLE_ENTITY,
-            f"task {task_id}: label {annotation.label!r} is not a class of its model; use one of: "
-            f"{', '.join(classes)}" + nothing,
+        raise _refused(
+            f"task {task_id}: label {annotation.label!r} is not a class of its model; use one "
+            f"of: {', '.join(classes)}"
         )
     if task.status is not TaskStatus.LABELLED and queue.image(task_id) is None:
-        raise refusal(
-            HTTPStatus.UNPROCESSABLE_ENTITY,
-            f"task {task_id}'s image expired; it cannot be labelled" + nothing,
-        )
+        raise _refused(f"task {task_id}'s image expired; it cannot be labelled")
     return classes
+
+
+def _refused(reason: str) -> HTTPException:
+    return refusal(HTTPStatus.UNPROCESSABLE_ENTITY, f"{reason}; nothing was imported")
 
 
 EXPORT_ROUTES = [

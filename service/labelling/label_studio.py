@@ -89,7 +89,7 @@ class _Annotation(BaseModel):
     result: list[_Result] = Field(default_factory=list)
     was_cancelled: bool = False
     ground_truth: bool = False
-    completed_by: int | dict[str, Any] | None = None
+    completed_by: int | str | dict[str, Any] | None = None
 
 
 class _Data(BaseModel):
@@ -138,18 +138,19 @@ def annotation_of(task: ExportedTask) -> ImportedAnnotation | None:
 
 
 def _label(annotation: _Annotation, where: str) -> str | None:
-    choices = [r for r in annotation.result if r.type == "choices" and r.from_name == FROM_NAME]
-    if not choices:
-        return None
-    picked = choices[0].value.get("choices")
-    if len(choices) > 1 or not isinstance(picked, list) or len(picked) != 1:
-        raise LabelStudioFormatError(
-            f"{where}: an annotation must choose exactly one '{FROM_NAME}'; use the labelling "
-            "config from /v1/labelling/export/label-studio-config.xml"
-        )
-    if not isinstance(picked[0], str):
-        raise LabelStudioFormatError(f"{where}: the chosen '{FROM_NAME}' is not a string")
-    return picked[0]
+    picked = [
+        r.value.get("choices") for r in annotation.result
+        if r.type == "choices" and r.from_name == FROM_NAME
+    ]
+    match picked:
+        case []:
+            return None
+        case [[str(label)]]:
+            return label
+    raise LabelStudioFormatError(
+        f"{where}: an annotation must choose exactly one '{FROM_NAME}'; use the labelling config "
+        "from /v1/labelling/export/label-studio-config.xml"
+    )
 
 
 def _labeller(annotation: _Annotation) -> str:
