@@ -214,7 +214,13 @@ def test_labelling_needs_the_label_scope(
             assert_problem(denied, 403, "'label' scope")
             allowed = client.get(stats, headers={"Authorization": "Bearer l-key"})
             assert allowed.status_code == 200
-            assert client.get("/label").status_code == 200  # the page itself holds no data
+            for route in ("/v1/labelling/export/label-studio-pending.json",
+                          "/v1/labelling/export/label-studio-config.xml"):
+                assert_problem(client.get(route), 401, "Authorization")
+            assert_problem(client.post("/v1/labelling/import/label-studio", json=[]), 401, "Bearer")
+            # The page and its assets hold no data.
+            assert client.get("/label").status_code == 200
+            assert client.get("/label/static/label.css").status_code == 200
     finally:
         stop_service(service)
 
