@@ -96,6 +96,12 @@ class QueueKeys:
         return f"{self.base}:image:{task_id}"
 
 
+# The Redis server's clock in Unix ms, so every replica agrees on when a lease ends.
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
 # New task: store record + image, rank it, wake one waiting labeller; over capacity, drop the
 # least uncertain. Known task: count the hit; while it waits, a newer version of the model
 # replaces the record and priority (its opinion is the one that matters now), and within one
@@ -131,12 +137,10 @@ return 1
 """
 
 # Return expired leases to the queue, then claim up to `limit` of the most uncertain tasks.
-# Tasks whose image expired are discarded. Time is the server's, so replicas agree on leases.
-_CLAIM = """
+# Tasks whose image expired are discarded.
+_CLAIM = _NOW_MS + """
 local pending, leases, wakeup, counters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local limit, lease_ms, labeller, base = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
   local task = base .. ':task:' .. id
   redis.call('ZREM', leases, id)
@@ -171,7 +175,7 @@ return claimed
 
 # Record a label once: the first label of an unlabelled task wins, whoever holds its lease and
 # whether or not the lease has run out; the same label again is a duplicate, not a new record.
-_LABEL = """
+_LABEL = _NOW_MS + """
 local task, image, pending, leases = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local labels, counters = KEYS[5], KEYS[6]
 local id, label, labeller, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -184,8 +188,6 @@ if status == 'labelled' then
 end
 local bytes = redis.call('GET', image)
 if not bytes then return {'image_expired', ''} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local entry = redis.call('XADD', labels, '*', 'schema', 'v1', 'task_id', id, 'label', label,
   'labeller', labeller, 'labelled_at_ms', now, 'record', redis.call('HGET', task, 'record'),
   'image', bytes)
@@ -212,6 +214,15 @@ redis.call('HDEL', task, 'labeller', 'lease_expires_ms')
 redis.call('ZADD', pending, redis.call('HGET', task, 'priority'), id)
 redis.call('LPUSH', wakeup, id)
 return 1
+"""
+
+# Counts as of now: a lease past its expiry already counts as pending and lease_expired, though
+# only the next claim moves it (so stats stay a read, and agree with what that claim will do).
+_STATS = _NOW_MS + """
+local pending, leases, counters = KEYS[1], KEYS[2], KEYS[3]
+local expired = redis.call('ZCOUNT', leases, '-inf', now)
+return {redis.call('ZCARD', pending) + expired, redis.call('ZCARD', leases) - expired, expired,
+  redis.call('HGETALL', counters)}
 """
 
 
@@ -245,6 +256,7 @@ class LabellingQueue:
         self._claim = client.register_script(_CLAIM)
         self._label = client.register_script(_LABEL)
         self._release = client.register_script(_RELEASE)
+        self._stats = client.register_script(_STATS)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, **options: float) -> LabellingQueue:
@@ -285,20 +297,23 @@ class LabellingQueue:
 
     def task(self, task_id: str) -> Task | None:
         """The stored task, or None if there is no such task."""
-        raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.task(task_id)))
-        fields = {key.decode(): value.decode() for key, value in raw.items()}
-        if "record" not in fields:
-            return None
-        lease_ms = fields.get("lease_expires_ms")
-        lease_expires_at = datetime.fromtimestamp(int(lease_ms) / 1000, UTC) if lease_ms else None
-        return Task(
-            record=TaskRecord.model_validate_json(fields["record"]),
-            status=TaskStatus(fields["status"]),
-            hits=int(fields["hits"]),
-            labeller=fields.get("labeller"),
-            lease_expires_at=lease_expires_at,
-            label=fields.get("label"),
-        )
+        return _parse_task(self.client.hgetall(self.keys.task(task_id)))  # type: ignore[arg-type]
+
+    def pending(self, limit: int) -> list[tuple[Task, bytes]]:
+        """Up to `limit` waiting tasks with their images, most uncertain first; claims nothing.
+
+        A task labelled, dropped or expired between the two reads is left out.
+        """
+        ranked = cast(list[bytes], self.client.zrevrange(self.keys.pending, 0, limit - 1))
+        ids = [task_id.decode() for task_id in ranked]
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(task_id))
+                pipe.get(self.keys.image(task_id))
+            replies = pipe.execute()
+        pairs = zip(replies[::2], replies[1::2], strict=True)
+        found = ((_parse_task(raw), image) for raw, image in pairs)
+        return [(task, image) for task, image in found if task is not None and image is not None]
 
     def image(self, task_id: str) -> bytes | None:
         """The image bytes of a task not yet labelled, or None once labelled or expired."""
@@ -333,19 +348,17 @@ class LabellingQueue:
         return int(self.client.zcard(self.keys.pending))
 
     def stats(self) -> QueueStats:
-        """Queue depth, claims in flight, and lifetime counters."""
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.keys.pending)
-            pipe.zcard(self.keys.leases)
-            pipe.hgetall(self.keys.counters)
-            pending, claimed, counters = pipe.execute()
-        counts = {k.decode(): int(v) for k, v in counters.items()}
+        """Queue depth, claims in flight, and lifetime counters, with leases past their expiry
+        counted as pending (and lease_expired) at once."""
+        keys = [self.keys.pending, self.keys.leases, self.keys.counters]
+        pending, claimed, expired, flat = self._stats(keys=keys)
+        counts = {k.decode(): int(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
         return QueueStats(
             pending=pending,
             claimed=claimed,
             labelled=counts.get("labelled", 0),
             dropped=counts.get("dropped", 0),
-            lease_expired=counts.get("lease_expired", 0),
+            lease_expired=counts.get("lease_expired", 0) + expired,
             image_expired=counts.get("image_expired", 0),
         )
 
@@ -358,3 +371,18 @@ class LabellingQueue:
         server_seconds, micros = self.client.time()
         now_ms = int(server_seconds) * 1000 + int(micros) / 1000
         return max((earliest[0][1] - now_ms) / 1000, 0.0)
+
+
+def _parse_task(raw: dict[bytes, bytes]) -> Task | None:
+    fields = {key.decode(): value.decode() for key, value in raw.items()}
+    if "record" not in fields:
+        return None
+    lease_ms = fields.get("lease_expires_ms")
+    return Task(
+        record=TaskRecord.model_validate_json(fields["record"]),
+        status=TaskStatus(fields["status"]),
+        hits=int(fields["hits"]),
+        labeller=fields.get("labeller"),
+        lease_expires_at=datetime.fromtimestamp(int(lease_ms) / 1000, UTC) if lease_ms else None,
+        label=fields.get("label"),
+    )

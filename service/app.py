@@ -1,8 +1,9 @@
 """The app factory: `create_app(settings)` loads the model and returns the Litestar app.
 
-App state, for route modules: `settings` (Settings), `redis` (a `redis.asyncio` client),
-`model_host` (ModelHost; `model_host.current.manifest` is the served manifest, classes
-included) and `predictor` (Predictor).
+App state, for route modules: `settings` (Settings), `labelling_queue` (LabellingQueue, on the
+service's one Redis client, which the pusher and the queue metrics share), `model_host`
+(ModelHost; `model_host.current.manifest` is the served manifest, classes included) and
+`predictor` (Predictor).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
-import redis.asyncio
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
@@ -33,6 +33,7 @@ from service.settings import Settings
 from service.spool import Spool
 
 REDIS_TIMEOUT_S = 2.0
+REDIS_CLIENT_NAME = "halflabel-service"
 # Requests by method, route template and status, and their latency histogram.
 REQUEST_METRICS = PrometheusConfig(app_name="halflabel", prefix="halflabel", group_path=True)
 
@@ -49,19 +50,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
     host = ModelHost(settings, ThreadPoolExecutor(1, thread_name_prefix="inference"))
     host.load()
     queue_client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        settings.redis_url,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        client_name=REDIS_CLIENT_NAME,  # how Redis's CLIENT LIST shows the service
     )
-    labelling_queue = LabellingQueue(queue_client, settings.queue_prefix)
+    labelling_queue = LabellingQueue(
+        queue_client, settings.queue_prefix, lease_seconds=settings.label_lease_seconds
+    )
     spool = Spool(settings.spool_dir, settings.push_buffer_size, settings.spool_max_bytes)
     pusher = QueuePusher(labelling_queue, spool)
+    queue_metrics = QueueMetrics(labelling_queue)
     state = State(
         {
             "settings": settings,
-            "redis": redis.asyncio.Redis.from_url(
-                settings.redis_url,
-                socket_timeout=REDIS_TIMEOUT_S,
-                socket_connect_timeout=REDIS_TIMEOUT_S,
-            ),
+            "labelling_queue": labelling_queue,
             "model_host": host,
             "predictor": Predictor(settings, host, pusher),
         }
@@ -70,10 +73,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         host.start()
-        queue_metrics = QueueMetrics(labelling_queue)
         REGISTRY.register(queue_metrics)
         pusher.start()
-        tasks = [asyncio.create_task(host.poll())]
+        tasks = [asyncio.create_task(job) for job in (host.poll(), queue_metrics.refresh_forever())]
         try:
             yield
         finally:
@@ -82,7 +84,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 task.cancel()
             await pusher.close()
             await host.close()
-            await app.state.redis.aclose()
             queue_client.close()
 
     return Litestar(

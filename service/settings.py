@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
-from models.queue import DEFAULT_PREFIX
+from models.queue import DEFAULT_LEASE_SECONDS, DEFAULT_PREFIX
 from models.repository import DEFAULT_ROOT
 
 SCOPES = ("predict", "label", "admin")
@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     backlog: int = Field(default=2048, ge=1, description="Connections waiting to be accepted")
     shutdown_timeout_s: int = Field(
         default=20, ge=1, description="On SIGTERM, time left to requests in flight"
+    )
+    label_lease_seconds: float = Field(
+        default=DEFAULT_LEASE_SECONDS, gt=0, description="How long a claimed labelling task is held"
     )
 
     @field_validator("api_keys", mode="before")

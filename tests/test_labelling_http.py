@@ -21,9 +21,17 @@ from conftest import (
     stop_service,
     tiny_env,
 )
+from litestar.testing import TestClient
 
 from models.labels import LabelStore
 from models.repository import ModelRepository
+from service.app import REDIS_CLIENT_NAME, create_app
+from service.labelling.page import STATIC_DIR
+from service.settings import Settings
+from tests.test_service_redis_outage import RedisServer, private_redis
+
+__all__ = ["private_redis"]  # the fixture, imported for the shutdown test
+PNG = {"Content-Type": "image/png"}
 
 UNCERTAIN_LEVELS = (124, 128, 132)
 
@@ -90,6 +98,21 @@ def test_bad_labels_and_ids_are_refused_clearly(live_service: LiveService) -> No
         assert_problem(client.get("/v1/labelling/tasks", params={"limit": 0}), 400, "limit")
 
 
+def test_hostile_bodies_and_paths_are_4xx(live_service: LiveService) -> None:
+    (task_id,) = queue_by_predicting(live_service, (128,))
+    deep = "[" * 5000 + "]" * 5000
+    with live_service.client() as client:
+        url = f"/v1/labelling/tasks/{task_id}/label"
+        for body in (deep, '{"label": ' + deep + "}"):
+            response = client.post(url, content=body, headers={"Content-Type": "application/json"})
+            assert_problem(response, 400, "nested too deeply")
+        assert_problem(client.get("/label/static/label.js%00.html"), 404, "no asset")
+        assert_problem(client.get("/label/static/..%2Fstatic%2Flabel.html"), 404, "no route")
+        script = client.get("/label/static/label.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javas")
+    assert script.content == (STATIC_DIR / "label.js").read_bytes()
+
+
 def test_release_gives_the_task_back(live_service: LiveService) -> None:
     (task_id,) = queue_by_predicting(live_service, (128,))
     with live_service.client() as client:
@@ -117,13 +140,64 @@ def test_exports_hold_every_labelled_image(live_service: LiveService) -> None:
     for name, task_id in expected.items():
         assert hashlib.sha256(archive.read(name)).hexdigest() == task_id
 
-    assert {t["id"] for t in studio} == set(ids)
+    assert {t["data"]["halflabel_task_id"] for t in studio} == set(ids)
     for task in studio:
+        task_id = task["data"]["halflabel_task_id"]
         header, data = task["data"]["image"].split(",", 1)
         assert header == "data:image/png;base64"
-        assert hashlib.sha256(base64.b64decode(data)).hexdigest() == task["id"]
-        assert task["annotations"][0]["result"][0]["value"]["choices"] == [labels[task["id"]]]
+        assert hashlib.sha256(base64.b64decode(data)).hexdigest() == task_id
+        assert task["annotations"][0]["result"][0]["value"]["choices"] == [labels[task_id]]
         assert task["predictions"][0]["model_version"] == "tiny:1"
+
+
+@pytest.mark.slow
+def test_the_lease_setting_holds_claims_and_a_bad_one_fails_start_up(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    env = tiny_env(model_repo, queue_prefix, label_lease_seconds="0.5")
+    service = start_service(env, tmp_path / "service.log")
+    try:
+        queue_by_predicting(service, (128,))
+        with service.client() as client:
+            claim = client.get("/v1/labelling/tasks", params={"labeller": "ann"}).json()
+            assert claim["lease_seconds"] == 0.5
+            assert client.get("/v1/labelling/stats").json()["claimed"] == 1
+            time.sleep(0.7)
+            stats = client.get("/v1/labelling/stats").json()  # no claim in between
+        assert (stats["pending"], stats["claimed"], stats["lease_expired"]) == (1, 0, 1)
+    finally:
+        stop_service(service)
+
+    bad = tiny_env(model_repo, queue_prefix, label_lease_seconds="0")
+    with pytest.raises(RuntimeError, match="bad setting label_lease_seconds"):
+        start_service(bad, tmp_path / "bad.log")
+
+
+def test_one_named_redis_client_serves_the_app_and_is_closed_at_shutdown(
+    model_repo: ModelRepository, private_redis: RedisServer
+) -> None:
+    settings = Settings(
+        model_dir=model_repo.root, model_name="tiny", redis_url=private_redis.url,
+        queue_prefix="shutdown",
+    )
+    observer = redis.Redis.from_url(private_redis.url)
+
+    def others() -> list[str]:
+        me = str(observer.client_id())
+        return [c["name"] for c in observer.client_list() if c["id"] != me]
+
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/v1/predict", content=grey_png(128), headers=PNG).json()
+        assert answer["predictions"][0]["queued_for_labelling"] is True
+        deadline = time.monotonic() + 10
+        while client.get("/v1/labelling/stats").json()["pending"] < 1:  # pushed, and read back
+            assert time.monotonic() < deadline, "the prediction never reached the queue"
+            time.sleep(0.05)
+        assert others() and set(others()) == {REDIS_CLIENT_NAME}
+    deadline = time.monotonic() + 2
+    while others() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert others() == []
 
 
 @pytest.mark.slow
@@ -140,7 +214,13 @@ def test_labelling_needs_the_label_scope(
             assert_problem(denied, 403, "'label' scope")
             allowed = client.get(stats, headers={"Authorization": "Bearer l-key"})
             assert allowed.status_code == 200
-            assert client.get("/label").status_code == 200  # the page itself holds no data
+            for route in ("/v1/labelling/export/label-studio-pending.json",
+                          "/v1/labelling/export/label-studio-config.xml"):
+                assert_problem(client.get(route), 401, "Authorization")
+            assert_problem(client.post("/v1/labelling/import/label-studio", json=[]), 401, "Bearer")
+            # The page and its assets hold no data.
+            assert client.get("/label").status_code == 200
+            assert client.get("/label/static/label.css").status_code == 200
     finally:
         stop_service(service)
 

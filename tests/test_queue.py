@@ -117,6 +117,32 @@ def test_claimed_task_is_invisible_until_its_lease_ends(queue_prefix: str) -> No
     assert q.stats().lease_expired == 1
 
 
+def test_stats_count_an_expired_lease_as_pending_before_any_claim(queue_prefix: str) -> None:
+    q = queue(queue_prefix, lease_seconds=0.3)
+    push_greys(q, [120, 128])
+    q.claim("crashes")
+    held = q.stats()
+    assert (held.pending, held.claimed, held.lease_expired) == (1, 1, 0)
+    time.sleep(0.4)
+    expired = q.stats()
+    assert (expired.pending, expired.claimed, expired.lease_expired) == (2, 0, 1)
+    q.claim("other", limit=2)  # moves the expired lease for real: counted once, not twice
+    claimed = q.stats()
+    assert (claimed.pending, claimed.claimed, claimed.lease_expired) == (0, 2, 1)
+
+
+def test_pending_lists_waiting_tasks_with_images_and_claims_none(queue_prefix: str) -> None:
+    q = queue(queue_prefix)
+    low, mid, high = push_greys(q, [10, 100, 200])
+    q.claim("ann")  # takes the most uncertain one
+    listed = q.pending(limit=5)
+    assert [(task.record.id, image) for task, image in listed] == [
+        (mid, grey_png(100)), (low, grey_png(10))
+    ]
+    assert [task.record.id for task, _ in q.pending(limit=1)] == [mid]
+    assert q.stats().pending == 2
+
+
 def test_label_after_lease_expiry_is_accepted_while_unlabelled(queue_prefix: str) -> None:
     q = queue(queue_prefix, lease_seconds=0.1)
     (task_id,) = push_greys(q, [128])
