@@ -226,7 +226,11 @@ def test_oip_infer_refuses_unknown_outputs(shared_service: LiveService) -> None:
 def test_metrics_count_requests_batches_and_uncertainty(shared_service: LiveService) -> None:
     with shared_service.client() as http:
         assert http.post("/v1/predict", content=grey_png(129), headers=PNG).status_code == 200
-        text = http.get("/metrics").text
+        pending = 'halflabel_labelling_tasks{state="pending"} '
+        deadline = time.monotonic() + 15  # the queue metrics are refreshed every 5 s
+        while pending not in (text := http.get("/metrics").text) or f"{pending}0.0" in text:
+            assert time.monotonic() < deadline, "the queue metrics never showed the queued input"
+            time.sleep(0.2)
     samples = dict(
         line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
     )
