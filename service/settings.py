@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     allow_open: bool = Field(default=False, description="Listen beyond loopback without API keys")
     max_body_bytes: int = Field(default=10_000_000, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port serving /metrics without a key (for Prometheus); 0: none, /metrics "
+        "stays on the main port behind the admin scope",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
