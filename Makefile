@@ -20,8 +20,10 @@ serve: install
 	$(BIN)/halflabel-serve
 
 # The labelling page is tested in Debian's Chromium: Playwright cannot download its own here.
+# checkov (the manifests' check) pins many packages, so it lives in a venv of its own.
 test: install
 	scripts/ensure-packages chromium chromium-driver
+	scripts/ensure-checkov >/dev/null
 	scripts/run-tests $(BIN)/python
 
 # What benchmarks/ needs beyond the venv: load generators and the Fashion-MNIST files.
@@ -33,4 +35,4 @@ lint: install
 	$(BIN)/mypy models service trainer
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .checkov .pytest_cache .ruff_cache .mypy_cache
