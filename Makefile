@@ -20,9 +20,10 @@ serve: install
 	$(BIN)/halflabel-serve
 
 # The labelling page is tested in Debian's Chromium: Playwright cannot download its own here.
-# checkov (the manifests' check) pins many packages, so it lives in a venv of its own.
+# redis-server: tests/test_deploy.py runs one on the manifests' config, whichever Redis serves
+# the suite. checkov (the manifests' check) pins many packages, so it has a venv of its own.
 test: install
-	scripts/ensure-packages chromium chromium-driver
+	scripts/ensure-packages chromium chromium-driver redis-server
 	scripts/ensure-checkov >/dev/null
 	scripts/run-tests $(BIN)/python
 
