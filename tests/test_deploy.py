@@ -299,7 +299,9 @@ def test_redis_as_deployed_asks_for_the_password_and_refuses_writes_when_full(
 ) -> None:
     """Run redis-server on the manifests' config and arguments, and the clients' URL."""
     docs = render("overlays/cpu")
-    config = find(docs, "ConfigMap", "halflabel-redis")[0]["data"]["redis.conf"]
+    volumes = pod_template(find(docs, "StatefulSet", "halflabel-redis")[0])["spec"]["volumes"]
+    mounted = next(v["configMap"]["name"] for v in volumes if v["name"] == "config")
+    config = find(docs, "ConfigMap", mounted)[0]["data"]["redis.conf"]
     spec = container(docs, "halflabel-redis")
     limit = spec["resources"]["limits"]["memory"]
     maxmemory = re.search(r"^maxmemory (\d+)mb$", config, re.MULTILINE)
