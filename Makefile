@@ -20,8 +20,11 @@ serve: install
 	$(BIN)/halflabel-serve
 
 # The labelling page is tested in Debian's Chromium: Playwright cannot download its own here.
+# redis-server: tests/test_deploy.py runs one on the manifests' config, whichever Redis serves
+# the suite. checkov (the manifests' check) pins many packages, so it has a venv of its own.
 test: install
-	scripts/ensure-packages chromium chromium-driver
+	scripts/ensure-packages chromium chromium-driver redis-server
+	scripts/ensure-checkov >/dev/null
 	scripts/run-tests $(BIN)/python
 
 # What benchmarks/ needs beyond the venv: load generators and the Fashion-MNIST files.
@@ -33,4 +36,4 @@ lint: install
 	$(BIN)/mypy models service trainer
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .checkov .pytest_cache .ruff_cache .mypy_cache

@@ -22,7 +22,9 @@ from prometheus_client import REGISTRY
 
 from models.queue import LabellingQueue
 from service.api import v1_router
+from service.gpu_metrics import gpu_metrics
 from service.labelling import QueueMetrics, labelling_router
+from service.metrics import metrics_listener
 from service.model_host import ModelHost
 from service.oip import v2_router
 from service.predictor import Predictor
@@ -77,7 +79,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         pusher.start()
         tasks = [asyncio.create_task(job) for job in (host.poll(), queue_metrics.refresh_forever())]
         try:
-            yield
+            with gpu_metrics(), metrics_listener(settings.host, settings.metrics_port):
+                yield
         finally:
             REGISTRY.unregister(queue_metrics)
             for task in tasks:

@@ -93,6 +93,7 @@ def _open_session(
     if device == "cuda" or (device == "auto" and _nvidia_device_present()):
         # The FP16 file only pays off on a GPU; on CPU it would be slower and less exact.
         path = artifact.fp16_onnx_path or artifact.onnx_path
+        ort.preload_dlls()  # CUDA and cuDNN from the gpu extra's nvidia-* wheels, where installed
         session = _load(path, options, [CUDA, CPU])
         # Without a usable GPU (driver, CUDA libraries), ORT silently falls back to CPU.
         if session.get_providers()[0] == CUDA:

@@ -1,9 +1,15 @@
 """Prometheus metrics the service exports at `/metrics` (request counts and latency come from
-Litestar's Prometheus middleware, configured in `service.app`)."""
+Litestar's Prometheus middleware, configured in `service.app`), and the listener that serves them
+without an API key on a port of their own."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import contextlib
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from models.errors import HalflabelError
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -49,3 +55,27 @@ MODEL_VERSION = Gauge("halflabel_model_version", "Version of the model being ser
 MODEL_LOAD_FAILURES = Counter(
     "halflabel_model_load_failures", "New versions refused (broken or tampered)", ["model"]
 )
+
+
+@contextlib.contextmanager
+def metrics_listener(host: str, port: int) -> Iterator[None]:
+    """Serve every metric at http://host:port/metrics, without a key, while inside; port 0: off.
+
+    It runs in threads of its own, so a slow scrape never holds up the event loop.
+    """
+    if not port:
+        yield
+        return
+    try:
+        server, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise HalflabelError(
+            f"cannot listen for metrics on {host}:{port} ({exc.strerror}); "
+            "pick a free HALFLABEL_METRICS_PORT, or 0 for none"
+        ) from None
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     label_lease_seconds: float = Field(
         default=DEFAULT_LEASE_SECONDS, gt=0, description="How long a claimed labelling task is held"
     )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port serving /metrics without a key (for Prometheus); 0: none, /metrics "
+        "stays on the main port behind the admin scope",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
