@@ -211,7 +211,8 @@ def test_oip_infer_refuses_malformed_tensors(
     with shared_service.client() as http:
         response = http.post("/v2/models/tiny/infer", json={"inputs": [tensor]})
     assert response.status_code == 400, response.text
-    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]
 
 
 def test_oip_infer_refuses_unknown_outputs(shared_service: LiveService) -> None:
@@ -220,7 +221,7 @@ def test_oip_infer_refuses_unknown_outputs(shared_service: LiveService) -> None:
         response = http.post("/v2/models/tiny/infer",
                              json={"inputs": [tensor], "outputs": [{"name": "logits"}]})
     assert response.status_code == 400, response.text
-    assert "unknown output 'logits'" in response.json()["detail"]
+    assert "unknown output 'logits'" in response.json()["error"]
 
 
 def test_metrics_count_requests_batches_and_uncertainty(shared_service: LiveService) -> None:
@@ -235,8 +236,8 @@ def test_metrics_count_requests_batches_and_uncertainty(shared_service: LiveServ
     assert float(samples[ok]) >= 1
     assert float(samples['halflabel_model_version{model="tiny"}']) == 1
     assert float(samples['halflabel_low_confidence_predictions_total{model="tiny"}']) >= 1
-    assert float(samples["halflabel_batch_size_count"]) >= 1
+    assert float(samples['halflabel_batch_size_count{model="tiny"}']) >= 1
     assert float(samples["halflabel_inference_queue_depth"]) == 0  # every input was answered
     assert float(samples['halflabel_labelling_tasks{state="pending"}']) >= 1
     for histogram in ("queue_wait_seconds", "inference_seconds", "prediction_normalized_entropy"):
-        assert float(samples[f"halflabel_{histogram}_count"]) >= 1
+        assert float(samples[f'halflabel_{histogram}_count{{model="tiny"}}']) >= 1
