@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from base64 import b64encode
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -14,15 +12,9 @@ from conftest import (
     REDIS_URL,
     LiveService,
     grey_png,
-    start_service,
-    stop_service,
-    tiny_draft,
-    tiny_env,
-    tiny_onnx_model,
 )
 
 from models.queue import LabellingQueue, QueueKeys
-from models.repository import ModelRepository
 
 PNG = {"Content-Type": "image/png"}
 
@@ -81,21 +73,6 @@ def test_uncertain_input_is_queued_with_its_image(
     assert record.content_type == "image/png"
     assert record.entropy == pytest.approx(prediction["entropy"])
     assert [guess.label for guess in record.guesses] == ["light", "dark"]  # all classes, top_k=1
-
-
-@pytest.fixture(scope="module")
-def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    """One service for the tests that only read answers, so the module starts one process."""
-    tmp_path = tmp_path_factory.mktemp("service")
-    repo = ModelRepository(tmp_path / "store")
-    repo.publish("tiny", tiny_onnx_model(tmp_path / "tiny.onnx"), tiny_draft())
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
-    service = start_service(tiny_env(repo, prefix), tmp_path / "service.log")
-    yield service
-    stop_service(service)
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
 
 
 def test_multipart_and_json_bodies_predict_every_image(shared_service: LiveService) -> None:
