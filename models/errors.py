@@ -19,3 +19,7 @@ class InvalidArtifactError(HalflabelError):
 
 class InvalidImageError(HalflabelError):
     """Bytes that are not a decodable image, or an image over the pixel limit."""
+
+
+class UnknownClassError(HalflabelError):
+    """A label that is not one of the model's classes."""

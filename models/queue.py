@@ -18,6 +18,8 @@ from typing import cast
 import redis
 from pydantic import BaseModel, Field
 
+from models.errors import UnknownClassError
+
 QUEUE_SCHEMA = "v1"
 DEFAULT_PREFIX = "halflabel"
 DEFAULT_MAX_TASKS = 10_000
@@ -72,10 +74,6 @@ class LabelOutcome(StrEnum):
     CONFLICT = "conflict"  # the task already has a different label
     UNKNOWN_TASK = "unknown_task"
     IMAGE_EXPIRED = "image_expired"
-
-
-class UnknownClassError(ValueError):
-    """A label that is not one of the model's classes."""
 
 
 class QueueKeys:

@@ -24,7 +24,7 @@ from models.queue import LabellingQueue
 from service.api import v1_router
 from service.gpu_metrics import gpu_metrics
 from service.labelling import QueueMetrics, labelling_router
-from service.metrics import metrics_listener
+from service.metrics import client_gone_middleware, metrics_listener
 from service.model_host import ModelHost
 from service.oip import v2_router
 from service.predictor import Predictor
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state=state,
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[REQUEST_METRICS.middleware],
+        middleware=[REQUEST_METRICS.middleware, client_gone_middleware],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="halflabel", version="1", path="/schema"),
     )

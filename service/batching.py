@@ -17,21 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.errors import HalflabelError
 from service import metrics
 from service.engine import Outputs
-
-
-class ServerBusyError(HalflabelError):
-    """The batching queue is full: the client should retry later."""
-
-
-class TooManyInputsError(HalflabelError):
-    """One request carries more inputs than the queue can ever hold."""
-
-
-class BatcherClosedError(HalflabelError):
-    """The batcher stopped taking inputs (its model was replaced); submit to the new one."""
+from service.errors import BatcherClosedError, ServerBusyError, TooManyInputsError
 
 
 @dataclass
@@ -48,12 +36,16 @@ class DynamicBatcher:
         self,
         run: Callable[[np.ndarray], Outputs],
         executor: Executor,
+        model_name: str,
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
     ) -> None:
         self._run = run
         self._executor = executor
+        self._batch_size = metrics.BATCH_SIZE.labels(model_name)
+        self._queue_wait = metrics.QUEUE_WAIT.labels(model_name)
+        self._inference_time = metrics.INFERENCE_TIME.labels(model_name)
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -134,8 +126,8 @@ class DynamicBatcher:
             return
         started = time.perf_counter()
         for item in live:
-            metrics.QUEUE_WAIT.observe(started - item.enqueued_at)
-        metrics.BATCH_SIZE.observe(len(live))
+            self._queue_wait.observe(started - item.enqueued_at)
+        self._batch_size.observe(len(live))
         try:
             outputs = await loop.run_in_executor(
                 self._executor, self._run, np.stack([item.array for item in live])
@@ -146,7 +138,7 @@ class DynamicBatcher:
                     item.future.set_exception(exc)
             return
         finally:
-            metrics.INFERENCE_TIME.observe(time.perf_counter() - started)
+            self._inference_time.observe(time.perf_counter() - started)
         for i, item in enumerate(live):
             if not item.future.done():
                 item.future.set_result((outputs.probabilities[i], float(outputs.entropy[i])))

@@ -10,17 +10,14 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from models.errors import HalflabelError, InvalidArtifactError
+from models.errors import InvalidArtifactError
 from models.repository import FP16_MODEL_FILE, Artifact
+from service.errors import DeviceUnavailableError
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-
-class DeviceUnavailableError(HalflabelError):
-    """A GPU was asked for but ONNX Runtime cannot use one."""
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,12 @@ from base64 import b64decode
 
 from litestar import Request
 from litestar.datastructures import UploadFile
-from litestar.exceptions import ClientException, HTTPException
 from pydantic import ValidationError
 
+from service.errors import BadInputError, UnsupportedMediaTypeError
 from service.schemas import PredictRequest
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
-
-
-class UnsupportedMediaTypeError(HTTPException):
-    status_code = 415
-
 
 async def read_images(request: Request) -> list[bytes]:
     """The image files a predict request carries, in order; 4xx for anything else."""
@@ -35,16 +30,24 @@ async def read_images(request: Request) -> list[bytes]:
             "or application/json {\"instances\": [{\"b64\": ...}]}"
         )
     if not images or not all(images):
-        raise ClientException("empty image: send the image file's bytes")
+        raise BadInputError("empty image: send the image file's bytes")
     return images
 
 
+NO_FILENAME = "a multipart part has no filename: send each image as a 'file' part with a filename"
+
+
 async def _multipart_files(request: Request) -> list[bytes]:
-    form = await request.form()
+    try:
+        form = await request.form()
+    except UnicodeDecodeError:  # Litestar reads a part without a filename as UTF-8 text
+        raise BadInputError(NO_FILENAME) from None
     parts = form.getall("file") if "file" in form else []
+    if not parts:
+        raise BadInputError("multipart body has no 'file' parts: send each image as a 'file'")
     files = [part for part in parts if isinstance(part, UploadFile)]
-    if not files:
-        raise ClientException("multipart body has no 'file' parts: send each image as a 'file'")
+    if len(files) < len(parts):
+        raise BadInputError(NO_FILENAME)
     return [await part.read() for part in files]
 
 
@@ -54,11 +57,11 @@ def _json_instances(body: bytes) -> list[bytes]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"])) or "body"
-        raise ClientException(
+        raise BadInputError(
             f"bad JSON body at {where}: {first['msg']}; "
             'send {"instances": [{"b64": "<base64 image>"}]}'
         ) from None
     try:
         return [b64decode(instance.b64, validate=True) for instance in request.instances]
     except binascii.Error:
-        raise ClientException("an instance's 'b64' is not valid base64") from None
+        raise BadInputError("an instance's 'b64' is not valid base64") from None

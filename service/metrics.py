@@ -7,22 +7,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from models.errors import HalflabelError
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 BATCH_SIZE = Histogram(
     "halflabel_batch_size",
     "Inputs per inference batch",
+    ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 QUEUE_WAIT = Histogram(
-    "halflabel_queue_wait_seconds", "Time an input waited for its batch", buckets=_FAST
+    "halflabel_queue_wait_seconds", "Time an input waited for its batch", ["model"], buckets=_FAST
 )
 INFERENCE_TIME = Histogram(
-    "halflabel_inference_seconds", "ONNX Runtime time per batch", buckets=_FAST
+    "halflabel_inference_seconds", "ONNX Runtime time per batch", ["model"], buckets=_FAST
 )
 INFERENCE_QUEUE_DEPTH = Gauge(
     "halflabel_inference_queue_depth", "Inputs admitted and not yet answered (the HPA scales on it)"
@@ -39,6 +43,7 @@ LOW_CONFIDENCE = Counter(
 ENTROPY = Histogram(
     "halflabel_prediction_normalized_entropy",
     "Normalized entropy (0..1) of predictions",
+    ["model"],
     buckets=tuple(i / 10 for i in range(1, 11)),
 )
 QUEUE_PUSH_FAILURES = Counter(
@@ -79,3 +84,29 @@ def metrics_listener(host: str, port: int) -> Iterator[None]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def client_gone_middleware(app: ASGIApp) -> ASGIApp:
+    """Answers whose client left before them are status 499 (inside the request metrics), so a
+    client that disconnects mid-request is counted apart and never as a server error."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        gone = False
+
+        async def watched_receive() -> ReceiveMessage:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
+        async def marked_send(message: Message) -> None:
+            if gone and message["type"] == "http.response.start":
+                message = {**message, "status": CLIENT_CLOSED_REQUEST}
+            await send(message)
+
+        await app(scope, watched_receive, marked_send)
+
+    return middleware

@@ -127,6 +127,7 @@ class ModelHost:
         batcher = DynamicBatcher(
             engine.run,
             self.executor,
+            model_name=engine.manifest.name,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,

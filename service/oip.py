@@ -1,61 +1,57 @@
-"""Open Inference Protocol v2 (KServe / Triton) routes, so existing clients work unchanged."""
+"""Open Inference Protocol v2 (KServe / Triton) routes, so existing clients work unchanged.
+
+Every model route also answers under `/versions/{version}`; a version that is not the served
+one is a 404. Inference goes through the same predict path as /v1 (batching, metrics, the
+labelling queue); the request and answer bodies are in `service.oip_body`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
 
 import numpy as np
-from litestar import Response, Router, get, post
+from litestar import Request, Response, Router, get, post
 from litestar.datastructures import State
-from litestar.exceptions import ClientException
-from pydantic import BaseModel, Field
 
-from models.preprocessing import uint8_to_array
+from models.errors import ModelNotFoundError
+from models.manifest import Manifest
+from service.errors import BadInputError
 from service.model_host import ModelHost, ServedModel
-from service.predictor import Predictor
+from service.oip_body import (
+    HEADER_LENGTH,
+    InferRequest,
+    RequestedOutput,
+    encode_response,
+    read_request,
+    wants_binary,
+)
+from service.predictor import ModelInput, Predictor
 from service.security import requires_scope
+from service.tensors import model_inputs
 
 SERVER_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data"]
 
 
-class InferInput(BaseModel):
-    """An input tensor: FP32 = preprocessed (N, C, H, W); UINT8 = raw pixels (N, H, W[, C])."""
-
-    name: str
-    shape: list[int] = Field(min_length=1)
-    datatype: Literal["FP32", "UINT8"]
-    data: list[Any] = Field(description="Values, flat or nested, in row-major order")
+def _paths(suffix: str = "") -> list[str]:
+    model = "/models/{name:str}"
+    return [f"{model}{suffix}", f"{model}/versions/{{version:str}}{suffix}"]
 
 
-class RequestedOutput(BaseModel):
-    name: str
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    inputs: list[InferInput] = Field(min_length=1, max_length=1)
-    outputs: list[RequestedOutput] | None = None
-
-
-class InferOutput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: Literal["FP32"] = "FP32"
-    data: list[float]
-
-
-class InferResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    outputs: list[InferOutput]
+def _served(state: State, name: str, version: str | None) -> ServedModel:
+    """The served model if it is `name` at `version` (when given), else ModelNotFoundError."""
+    host: ModelHost = state.model_host
+    if version is not None and not version.isdigit():
+        raise ModelNotFoundError(
+            f"version {version!r} of {name!r} is not served; versions are integers"
+        )
+    return host.serving(name, None if version is None else int(version))
 
 
 @get("/")
 async def server_metadata() -> dict[str, object]:
-    """OIP server metadata."""
-    return {"name": "halflabel", "version": SERVER_VERSION, "extensions": []}
+    """OIP server metadata, with the protocol extensions this server implements."""
+    return {"name": "halflabel", "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
 @get("/health/live")
@@ -71,23 +67,29 @@ async def ready(state: State) -> Response[dict[str, object]]:
     return Response({"ready": host.ready}, status_code=200 if host.ready else 503)
 
 
-@get("/models/{name:str}")
-async def model_metadata(state: State, name: str) -> dict[str, object]:
+@get(_paths())
+async def model_metadata(state: State, name: str, version: str | None = None) -> dict[str, object]:
     """Inputs, outputs, versions and the execution provider of the served model."""
-    served = state.model_host.serving(name)
+    served = _served(state, name, version)
     manifest, engine = served.manifest, served.engine
     spec = manifest.input
-    classes = len(manifest.classes)
+    preprocessed = {
+        "name": spec.input_name,
+        "datatype": "FP32",
+        "shape": [-1, spec.channels, spec.height, spec.width],
+    }
+    pixels = [
+        {"name": spec.input_name, "datatype": "UINT8", "shape": shape}
+        for shape in ([-1, -1, -1], [-1, -1, -1, -1])
+    ]
     return {
         "name": manifest.name,
         "versions": [str(manifest.version)],
         "platform": "onnxruntime_onnx",
-        "inputs": [
-            {"name": spec.input_name, "datatype": "FP32",
-             "shape": [-1, spec.channels, spec.height, spec.width]},
-        ],
+        "inputs": [preprocessed],
         "outputs": [
-            {"name": manifest.outputs.probabilities, "datatype": "FP32", "shape": [-1, classes]},
+            {"name": manifest.outputs.probabilities, "datatype": "FP32",
+             "shape": [-1, len(manifest.classes)]},
             {"name": manifest.outputs.entropy, "datatype": "FP32", "shape": [-1]},
         ],
         "parameters": {
@@ -95,69 +97,69 @@ async def model_metadata(state: State, name: str) -> dict[str, object]:
             "precision": engine.precision,
             "classes": list(manifest.classes),
             "entropy_threshold": manifest.entropy_threshold,
+            # OIP metadata has one datatype per input; raw pixels of any size are taken too.
+            "accepted_inputs": [preprocessed, *pixels],
         },
     }
 
 
-@get("/models/{name:str}/ready")
-async def model_ready(state: State, name: str) -> dict[str, object]:
-    """Whether `name` is loaded and warm (404 when it is not served here)."""
-    state.model_host.serving(name)
+@get(_paths("/ready"))
+async def model_ready(state: State, name: str, version: str | None = None) -> dict[str, object]:
+    """Whether `name` (at `version`) is loaded and warm (404 when it is not served here)."""
+    _served(state, name, version)
     return {"name": name, "ready": True}
 
 
-@post("/models/{name:str}/infer", status_code=200, guards=[requires_scope("predict")])
-async def infer(state: State, name: str, data: InferRequest) -> InferResponse:
+@post(_paths("/infer"), status_code=200, guards=[requires_scope("predict")])
+async def infer(
+    request: Request, state: State, name: str, version: str | None = None
+) -> Response[bytes]:
     """Run the served model on one input tensor (batched with concurrent requests)."""
+    _served(state, name, version)  # 404 before reading the body
+    body = await request.body()
+    infer_request, [values] = await asyncio.to_thread(
+        read_request, body, request.headers.get(HEADER_LENGTH)
+    )
+    [tensor] = infer_request.inputs
+
+    def prepare(served: ServedModel) -> list[ModelInput]:
+        spec = served.manifest.input
+        if tensor.name != spec.input_name:
+            raise BadInputError(
+                f"unknown input {tensor.name!r}: this model's input is {spec.input_name!r}"
+            )
+        _wanted(infer_request, served.manifest)
+        return model_inputs(values, tensor.datatype, spec)
+
     predictor: Predictor = state.predictor
-
-    async def infer_with(served: ServedModel) -> InferResponse:
-        names = served.manifest.outputs
-        available = (names.probabilities, names.entropy)
-        wanted = [output.name for output in data.outputs or []] or list(available)
-        unknown = sorted(set(wanted) - set(available))
-        if unknown:
-            choices = " or ".join(available)
-            raise ClientException(f"unknown output {unknown[0]!r}: ask for {choices}")
-        arrays = await asyncio.to_thread(_input_arrays, data.inputs[0], served)
-        rows = await served.batcher.infer(arrays)
-        values = {
-            names.probabilities: np.stack([probabilities for probabilities, _ in rows]),
-            names.entropy: np.asarray([entropy for _, entropy in rows], np.float32),
-        }
-        return InferResponse(
-            model_name=served.manifest.name,
-            model_version=str(served.manifest.version),
-            id=data.id,
-            outputs=[_output(output, values[output]) for output in wanted],
-        )
-
-    return await predictor.with_served(name, None, infer_with)
+    inference = await predictor.infer(name, None if version is None else int(version), prepare)
+    manifest, scored = inference.manifest, inference.scored
+    outputs = {
+        manifest.outputs.probabilities: np.stack([one.probabilities for one in scored]),
+        manifest.outputs.entropy: np.asarray([one.entropy for one in scored], np.float32),
+    }
+    head = {"model_name": manifest.name, "model_version": str(manifest.version)}
+    if infer_request.id is not None:
+        head["id"] = infer_request.id
+    return encode_response(
+        head,
+        [
+            (output_name, outputs[output_name], wants_binary(infer_request, requested))
+            for output_name, requested in _wanted(infer_request, manifest)
+        ],
+    )
 
 
-def _input_arrays(tensor: InferInput, served: ServedModel) -> list[np.ndarray]:
-    spec = served.manifest.input
-    dtype = np.float32 if tensor.datatype == "FP32" else np.uint8
-    try:
-        values = np.asarray(tensor.data, dtype=dtype).reshape(tensor.shape)
-    except (ValueError, TypeError, OverflowError):
-        raise ClientException(
-            f"input data does not fill shape {tensor.shape} with {tensor.datatype} values"
-        ) from None
-    if tensor.datatype == "UINT8":
-        if values.ndim == 4 and values.shape[3] == 1:
-            values = values[..., 0]
-        if values.ndim not in (3, 4) or (values.ndim == 4 and values.shape[3] not in (3, 4)):
-            raise ClientException("UINT8 input must be pixels shaped [N, H, W] or [N, H, W, C]")
-        return [uint8_to_array(pixels, spec) for pixels in values]
-    expected = [spec.channels, spec.height, spec.width]
-    if values.ndim != 4 or list(values.shape[1:]) != expected:
-        raise ClientException(f"FP32 input must be shaped [N, {', '.join(map(str, expected))}]")
-    return list(values)
-
-
-def _output(name: str, values: np.ndarray) -> InferOutput:
-    return InferOutput(name=name, shape=list(values.shape), data=values.ravel().tolist())
+def _wanted(request: InferRequest, manifest: Manifest) -> list[tuple[str, RequestedOutput | None]]:
+    """The outputs to answer with (all when none are asked for); 400 for an unknown one."""
+    available = (manifest.outputs.probabilities, manifest.outputs.entropy)
+    if not request.outputs:
+        return [(output_name, None) for output_name in available]
+    for output in request.outputs:
+        if output.name not in available:
+            choices = " or ".join(repr(output_name) for output_name in available)
+            raise BadInputError(f"unknown output {output.name!r}: ask for {choices}")
+    return [(output.name, output) for output in request.outputs]
 
 
 v2_router = Router(

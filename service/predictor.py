@@ -1,4 +1,5 @@
-"""One predict request end to end: decode → batch inference → predictions → labelling queue."""
+"""The one predict path, for /v1 image files and /v2 tensors alike: the route turns its body into
+model inputs, then batch inference → metrics → labelling queue → the route's answer."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ import asyncio
 import hashlib
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
-from models.errors import HalflabelError
 from models.manifest import InputSpec, Manifest
 from models.preprocessing import decode_image, image_to_array
 from models.queue import Guess, TaskRecord
 from service import metrics
-from service.batching import BatcherClosedError
+from service.errors import BatcherClosedError, RequestTimeoutError
 from service.model_host import ModelHost, ServedModel
 from service.queue_pusher import QueuePusher
 from service.schemas import ClassProbability, Prediction, PredictResponse
@@ -27,6 +28,61 @@ GUESSES_IN_TASK = 3
 DEFAULT_TOP_K = 5
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file as the labelling queue stores it; its sha256 is the task id."""
+
+    data: bytes
+    content_type: str
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
+
+
+class ModelInput:
+    """One input as the model takes it, and the image file that stands for it in the labelling
+    queue: the file that was sent, or one rendered from a tensor on first use."""
+
+    def __init__(self, array: np.ndarray, file: ImageFile | Callable[[], ImageFile]) -> None:
+        self.array = array
+        self._file = file
+
+    @property
+    def rendered(self) -> bool:
+        return isinstance(self._file, ImageFile)
+
+    @property
+    def file(self) -> ImageFile:
+        if not isinstance(self._file, ImageFile):
+            self._file = self._file()
+        return self._file
+
+
+@dataclass
+class Scored:
+    """What the model says about one input, and whether it went to the labelling queue."""
+
+    input: ModelInput
+    probabilities: np.ndarray
+    entropy: float
+    normalized_entropy: float
+    ranked: np.ndarray  # class indices, most probable first
+    queued: bool = False
+
+
+@dataclass(frozen=True)
+class Inference:
+    """The model version that answered and its answer for each input, in order."""
+
+    manifest: Manifest
+    scored: list[Scored]
+
+
+Prepare = Callable[[ServedModel], list[ModelInput]]
+"""A route's body → model inputs for the served model; runs on a thread (it decodes)."""
+
+
 def decode_for_model(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[np.ndarray, str]:
     """An image file → the model's input array (via models.preprocessing) and its MIME type."""
     image = decode_image(data, max_pixels)
@@ -34,12 +90,8 @@ def decode_for_model(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[np.
     return image_to_array(image, spec), content_type
 
 
-class RequestTimeoutError(HalflabelError):
-    """A request took longer than the configured timeout."""
-
-
 class Predictor:
-    """Turns image files into predictions with the served model, queueing the uncertain ones."""
+    """Runs model inputs through the served model, counting and queueing the uncertain ones."""
 
     def __init__(self, settings: Settings, host: ModelHost, pusher: QueuePusher) -> None:
         self.settings = settings
@@ -49,20 +101,37 @@ class Predictor:
     async def predict(
         self, name: str, images: list[bytes], top_k: int | None = None, version: int | None = None
     ) -> PredictResponse:
-        """Predict every image with `name` (at `version` when given), within the request timeout."""
+        """Predict every image file with `name` (at `version` when given): the /v1 answer."""
 
-        async def predict_with(served: ServedModel) -> PredictResponse:
-            decoded = await asyncio.to_thread(self._decode, served, images)
-            outputs = await served.batcher.infer([array for array, _ in decoded])
-            predictions = [
-                self._predict_one(served, image, content_type, probabilities, entropy, top_k)
-                for image, (_, content_type), (probabilities, entropy) in zip(
-                    images, decoded, outputs, strict=True
+        def decode(served: ServedModel) -> list[ModelInput]:
+            inputs = []
+            for data in images:
+                array, content_type = decode_for_model(
+                    data, served.manifest.input, self.settings.max_pixels
                 )
-            ]
-            return PredictResponse(served.manifest.name, served.manifest.version, predictions)
+                inputs.append(ModelInput(array, ImageFile(data, content_type)))
+            return inputs
 
-        return await self.with_served(name, version, predict_with)
+        inference = await self.infer(name, version, decode)
+        manifest = inference.manifest
+        predictions = [_prediction(manifest, scored, top_k) for scored in inference.scored]
+        return PredictResponse(manifest.name, manifest.version, predictions)
+
+    async def infer(self, name: str, version: int | None, prepare: Prepare) -> Inference:
+        """Run what `prepare` makes of the body through `name`, within the request timeout."""
+
+        async def infer_with(served: ServedModel) -> Inference:
+            manifest = served.manifest
+            inputs = await asyncio.to_thread(prepare, served)
+            rows = await served.batcher.infer([model_input.array for model_input in inputs])
+            scored = [
+                _score(manifest, model_input, probabilities, entropy)
+                for model_input, (probabilities, entropy) in zip(inputs, rows, strict=True)
+            ]
+            await self._queue_uncertain(manifest, scored)
+            return Inference(manifest, scored)
+
+        return await self.with_served(name, version, infer_with)
 
     async def with_served(
         self, name: str, version: int | None, work: Callable[[ServedModel], Awaitable[T]]
@@ -83,69 +152,52 @@ class Predictor:
                 "or raise HALFLABEL_REQUEST_TIMEOUT_S"
             ) from None
 
-    def _decode(self, served: ServedModel, images: list[bytes]) -> list[tuple[np.ndarray, str]]:
-        return [
-            decode_for_model(data, served.manifest.input, self.settings.max_pixels)
-            for data in images
-        ]
-
-    def _predict_one(
-        self,
-        served: ServedModel,
-        image: bytes,
-        content_type: str,
-        probabilities: np.ndarray,
-        entropy: float,
-        top_k: int | None,
-    ) -> Prediction:
-        manifest = served.manifest
-        ranked = np.argsort(probabilities)[::-1]
-        normalized = min(max(entropy / math.log(len(manifest.classes)), 0.0), 1.0)
-        metrics.PREDICTIONS.labels(manifest.name).inc()
-        metrics.ENTROPY.observe(normalized)
-        best = int(ranked[0])
-        digest = hashlib.sha256(image).hexdigest()
-        return Prediction(
-            label=manifest.classes[best],
-            class_index=best,
-            confidence=float(probabilities[best]),
-            probabilities=[
-                ClassProbability(manifest.classes[i], float(probabilities[i]))
-                for i in ranked[: top_k or DEFAULT_TOP_K]
-            ],
-            entropy=entropy,
-            normalized_entropy=normalized,
-            queued_for_labelling=self._queue_if_uncertain(
-                manifest, image, digest, content_type, probabilities, ranked, entropy, normalized
-            ),
-            input_sha256=digest,
-        )
-
-    def _queue_if_uncertain(
-        self,
-        manifest: Manifest,
-        image: bytes,
-        digest: str,
-        content_type: str,
-        probabilities: np.ndarray,
-        ranked: np.ndarray,
-        entropy: float,
-        normalized: float,
-    ) -> bool:
+    async def _queue_uncertain(self, manifest: Manifest, scored: list[Scored]) -> None:
         override = self.settings.entropy_threshold
-        if normalized <= (manifest.entropy_threshold if override is None else override):
-            return False
-        metrics.LOW_CONFIDENCE.labels(manifest.name).inc()
-        record = TaskRecord(
-            id=digest,
-            content_type=content_type,
-            model_name=manifest.name,
-            model_version=manifest.version,
-            guesses=[
-                Guess(label=manifest.classes[i], probability=float(probabilities[i]))
-                for i in ranked[:GUESSES_IN_TASK]
-            ],
-            entropy=entropy,
-            normalized_entropy=normalized,
-        )
-        return self.pusher.offer(record, image)
+        threshold = manifest.entropy_threshold if override is None else override
+        uncertain = [one for one in scored if one.normalized_entropy > threshold]
+        unrendered = [one.input for one in uncertain if not one.input.rendered]
+        if unrendered:  # encoding a tensor as PNG is CPU work: off the event loop
+            await asyncio.to_thread(lambda: [model_input.file for model_input in unrendered])
+        for one in uncertain:
+            metrics.LOW_CONFIDENCE.labels(manifest.name).inc()
+            record = TaskRecord(
+                id=one.input.file.sha256,
+                content_type=one.input.file.content_type,
+                model_name=manifest.name,
+                model_version=manifest.version,
+                guesses=[
+                    Guess(label=manifest.classes[i], probability=float(one.probabilities[i]))
+                    for i in one.ranked[:GUESSES_IN_TASK]
+                ],
+                entropy=one.entropy,
+                normalized_entropy=one.normalized_entropy,
+            )
+            one.queued = self.pusher.offer(record, one.input.file.data)
+
+
+def _score(
+    manifest: Manifest, model_input: ModelInput, probabilities: np.ndarray, entropy: float
+) -> Scored:
+    normalized = min(max(entropy / math.log(len(manifest.classes)), 0.0), 1.0)
+    metrics.PREDICTIONS.labels(manifest.name).inc()
+    metrics.ENTROPY.labels(manifest.name).observe(normalized)
+    ranked = np.argsort(probabilities)[::-1]
+    return Scored(model_input, probabilities, entropy, normalized, ranked)
+
+
+def _prediction(manifest: Manifest, scored: Scored, top_k: int | None) -> Prediction:
+    best = int(scored.ranked[0])
+    return Prediction(
+        label=manifest.classes[best],
+        class_index=best,
+        confidence=float(scored.probabilities[best]),
+        probabilities=[
+            ClassProbability(manifest.classes[i], float(scored.probabilities[i]))
+            for i in scored.ranked[: top_k or DEFAULT_TOP_K]
+        ],
+        entropy=scored.entropy,
+        normalized_entropy=scored.normalized_entropy,
+        queued_for_labelling=scored.queued,
+        input_sha256=scored.input.file.sha256,
+    )

@@ -1,4 +1,6 @@
-"""Every error answer is `application/problem+json` (RFC 9457) with a one-line `detail`."""
+"""Every error answer in one place: `application/problem+json` (RFC 9457) with a one-line
+`detail` on /v1 and the rest, `{"error": "..."}` on /v2 as the Open Inference Protocol (and so
+Triton's and KServe's clients) expect."""
 
 from __future__ import annotations
 
@@ -9,23 +11,34 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
-from models.errors import HalflabelError, InvalidImageError, ModelNotFoundError
-from service.batching import BatcherClosedError, ServerBusyError, TooManyInputsError
-from service.predictor import RequestTimeoutError
+from models.errors import HalflabelError, InvalidImageError, ModelNotFoundError, UnknownClassError
+from service.errors import (
+    BadInputError,
+    BatcherClosedError,
+    RequestTimeoutError,
+    ServerBusyError,
+    TooManyInputsError,
+    UnsupportedMediaTypeError,
+)
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_S = "1"
+OIP_PREFIX = "/v2"
 
-_STATUS_OF: dict[type[HalflabelError], HTTPStatus] = {
+STATUS_OF: dict[type[HalflabelError], HTTPStatus] = {
+    BadInputError: HTTPStatus.BAD_REQUEST,
     ModelNotFoundError: HTTPStatus.NOT_FOUND,
-    InvalidImageError: HTTPStatus.UNPROCESSABLE_ENTITY,
-    ServerBusyError: HTTPStatus.SERVICE_UNAVAILABLE,
     TooManyInputsError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    UnsupportedMediaTypeError: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    InvalidImageError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    UnknownClassError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    ServerBusyError: HTTPStatus.SERVICE_UNAVAILABLE,
     BatcherClosedError: HTTPStatus.SERVICE_UNAVAILABLE,
     RequestTimeoutError: HTTPStatus.GATEWAY_TIMEOUT,
 }
+"""Each error kind's HTTP status; kinds not here (start-up errors) would be a 500."""
 
 
 def problem(
@@ -38,8 +51,19 @@ def problem(
     )
 
 
+def error_response(
+    request: Request, status: int, detail: str, headers: dict[str, str] | None = None
+) -> Response[dict[str, object]]:
+    """The error in the shape the route's protocol uses."""
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        headers = {"Retry-After": RETRY_AFTER_S, **(headers or {})}
+    if request.url.path.startswith(OIP_PREFIX):
+        return Response({"error": detail}, status_code=status, headers=headers)
+    return problem(status, detail, headers)
+
+
 def _http_exception(request: Request, exc: HTTPException) -> Response[dict[str, object]]:
-    return problem(exc.status_code, _explain(request, exc), exc.headers)
+    return error_response(request, exc.status_code, _explain(request, exc), exc.headers)
 
 
 def _explain(request: Request, exc: HTTPException) -> str:
@@ -60,18 +84,17 @@ def _explain(request: Request, exc: HTTPException) -> str:
     return exc.detail
 
 
-def _halflabel_error(_: Request, exc: HalflabelError) -> Response[dict[str, object]]:
+def _halflabel_error(request: Request, exc: HalflabelError) -> Response[dict[str, object]]:
     status = next(
-        (code for kind, code in _STATUS_OF.items() if isinstance(exc, kind)),
+        (code for kind, code in STATUS_OF.items() if isinstance(exc, kind)),
         HTTPStatus.INTERNAL_SERVER_ERROR,
     )
-    busy = status == HTTPStatus.SERVICE_UNAVAILABLE
-    return problem(status, str(exc), {"Retry-After": RETRY_AFTER_S} if busy else None)
+    return error_response(request, status, str(exc))
 
 
-def _unexpected(_: Request, exc: Exception) -> Response[dict[str, object]]:
+def _unexpected(request: Request, exc: Exception) -> Response[dict[str, object]]:
     log.exception("unexpected error", exc_info=exc)
-    return problem(500, "internal error; the service log has the details")
+    return error_response(request, 500, "internal error; the service log has the details")
 
 
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {

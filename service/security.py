@@ -18,14 +18,10 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 
-from models.errors import HalflabelError
+from service.errors import ExposureError
 from service.settings import Scope, Settings
 
 Guard = Callable[[ASGIConnection, BaseRouteHandler], None]
-
-
-class ExposureError(HalflabelError):
-    """The service would listen beyond loopback with no API keys."""
 
 
 def requires_scope(scope: Scope) -> Guard:

@@ -181,3 +181,18 @@ def live_service(
     service = start_service(tiny_env(model_repo, queue_prefix), tmp_path / "service.log")
     yield service
     stop_service(service)
+
+
+@pytest.fixture(scope="module")
+def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    """One service for the tests that only read answers, so the module starts one process."""
+    tmp_path = tmp_path_factory.mktemp("service")
+    repo = ModelRepository(tmp_path / "store")
+    repo.publish("tiny", tiny_onnx_model(tmp_path / "tiny.onnx"), tiny_draft())
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    service = start_service(tiny_env(repo, prefix), tmp_path / "service.log")
+    yield service
+    stop_service(service)
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)

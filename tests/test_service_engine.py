@@ -46,7 +46,7 @@ def test_concurrent_inputs_are_batched_and_each_gets_its_own_answer(
 
     async def scenario() -> list[tuple[np.ndarray, float]]:
         batcher = DynamicBatcher(
-            recording_run, ThreadPoolExecutor(1), max_batch_size=4, max_queue_delay_s=0.2,
+            recording_run, ThreadPoolExecutor(1), "tiny", max_batch_size=4, max_queue_delay_s=0.2,
             max_queue_size=100,
         )
         batcher.start()
@@ -230,5 +230,6 @@ def test_concurrent_http_requests_share_batches_and_get_their_own_answers(
     assert labels == ["dark", "light"] * 4
     sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
              if line.startswith("halflabel_batch_size_")}
-    assert sizes["halflabel_batch_size_sum"] == len(levels)
-    assert sizes["halflabel_batch_size_count"] < len(levels), "no two requests shared a batch"
+    assert sizes['halflabel_batch_size_sum{model="tiny"}'] == len(levels)
+    count = sizes['halflabel_batch_size_count{model="tiny"}']
+    assert count < len(levels), "no two requests shared a batch"
