@@ -70,9 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POOL_SIZE, INITIAL_LABELS, PER_ROUND = 330, 10, 5
 CLASSES = tuple(str(d) for d in range(10))
 MODEL = "al-digits"
-SHOWN_CONFIG = {"backbone", "supervised_steps", "pseudo_steps", "refine_steps", "spreading_rounds",
-                "first_spreading_space", "spreading_neighbors", "spreading_alpha",
-                "pixel_spreading_gamma", "unreached_prior", "calibration_fraction"}
+SHOWN_CONFIG = {"backbone", "supervised", "pseudo", "refine", "spreading", "calibration"}
 console = Console()
 app = typer.Typer(add_completion=False)
 
@@ -252,11 +250,12 @@ def main(
     """Print per-round accuracy of halflabel's loop next to scikit-learn's."""
     digits = Digits()
     sklearn = sklearn_loop(digits, rounds)
-    config = TrainConfig(supervised_steps=supervised_steps, pseudo_steps=pseudo_steps,
-                         refine_steps=refine_steps, spreading_rounds=spreading_rounds,
-                         first_spreading_space=spreading_space, unreached_prior=unreached_prior,
-                         threads=threads, seed=seed,
-                         progress=False)
+    config = TrainConfig(
+        supervised={"steps": supervised_steps}, pseudo={"steps": pseudo_steps},
+        refine={"steps": refine_steps},
+        spreading={"rounds": spreading_rounds, "first_space": spreading_space,
+                   "unreached_prior": unreached_prior},
+        threads=threads, seed=seed, progress=False)
     redis_url = os.environ.get("HALFLABEL_REDIS_URL", "redis://127.0.0.1:6379/0")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="halflabel-al-") as scratch:

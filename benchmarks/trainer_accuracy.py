@@ -47,9 +47,10 @@ def halflabel(dataset: Dataset, config: TrainConfig) -> tuple[float, float | Non
 
 
 def supervised(dataset: Dataset, config: TrainConfig) -> float:
-    total = config.supervised_steps + config.pseudo_steps + config.refine_steps
-    only_labels = config.model_copy(update={
-        "supervised_steps": total, "spreading": False, "refine_steps": 0, "pretrain_steps": 0})
+    total = config.supervised.steps + config.pseudo.steps + config.refine.steps
+    only_labels = TrainConfig(**{
+        **config.model_dump(), "supervised": {"steps": total}, "pseudo": {"steps": 0},
+        "refine": {"steps": 0}, "pretrain": {"steps": 0}})
     trained = run_pipeline(dataset, only_labels)
     return trained.stages[-1].test_accuracy or 0.0
 
@@ -85,11 +86,14 @@ def main(
     import torch  # after trainer, which sets OpenMP's wait policy before torch loads
 
 
-    overrides = {key: value for key, value in {
-        "supervised_steps": supervised_steps, "pseudo_steps": pseudo_steps,
-        "refine_steps": refine_steps, "pretrain_steps": pretrain_steps,
-        "batch_size": batch_size, "spreading_rounds": spreading_rounds}.items()
-        if value is not None}
+    budgets = {"supervised": supervised_steps, "pseudo": pseudo_steps, "refine": refine_steps,
+               "pretrain": pretrain_steps}
+    overrides: dict[str, object] = {
+        section: {"steps": steps} for section, steps in budgets.items() if steps is not None}
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    if spreading_rounds is not None:
+        overrides["spreading"] = {"rounds": spreading_rounds}
     config = TrainConfig(seed=seed, threads=threads, progress=False, **overrides)
     dataset = load_dataset(data, labels_per_class=labels_per_class, seed=seed,
                            image_size=image_size, progress=False)

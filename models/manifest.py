@@ -59,10 +59,13 @@ class Metrics(_Strict):
 class TrainingSummary(_Strict):
     """What the model was trained from, so a version can be reproduced."""
 
-    labelled: int = Field(ge=0)
+    labelled: int = Field(ge=0, description="Labeled images, feedback labels included")
     pseudo_labelled: int = Field(ge=0)
-    feedback: int = Field(default=0, ge=0)
-    data: str = Field(description="Data source, e.g. 'digits' or a folder path")
+    feedback: int = Field(default=0, ge=0, description="Labels from the labelling queue")
+    feedback_snapshot: str | None = Field(
+        default=None, description="The label snapshot the feedback labels come from, e.g. "
+        "'data/feedback/halflabel/snapshot-0002.jsonl'; None without feedback")
+    data: str = Field(description="Original data source, e.g. 'digits' or a folder path")
     data_fingerprint: str = Field(description="sha256 over the training inputs and labels")
     seed: int
     backbone: str

@@ -3,7 +3,8 @@
 Versions are increasing integers, immutable once published. Publishing stages every file in a
 hidden temp directory, fsyncs it, then claims the next number with one `rename`: a reader sees a
 whole version or none, and two publishers racing for a number cannot both win it (renaming onto
-an existing, non-empty directory fails).
+an existing, non-empty directory fails). A publisher killed mid-way leaves its staging
+directory behind; the next publish of that name removes it once it is surely abandoned.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,11 @@ from models.manifest import NAME_PATTERN, Manifest, ManifestDraft
 MODEL_FILE = "model.onnx"
 FP16_MODEL_FILE = "model.fp16.onnx"
 MANIFEST_FILE = "manifest.json"
-DEFAULT_ROOT = Path("models/store")
+DEFAULT_ROOT = Path("models/store")  # programs' settings override it (HALFLABEL_MODEL_DIR)
+STAGING_PREFIX = ".staging-"
+# A staging directory untouched this long is abandoned even if its owner cannot be checked (it
+# was made on another host sharing the volume); publishing copies a few files in seconds.
+STALE_STAGING_S = 3600.0
 
 
 def sha256_file(path: Path) -> str:
@@ -38,8 +45,8 @@ def sha256_file(path: Path) -> str:
 
 
 def default_root() -> Path:
-    """The repository root: `HALFLABEL_MODEL_DIR`, else `models/store`."""
-    return Path(os.environ.get("HALFLABEL_MODEL_DIR", DEFAULT_ROOT))
+    """`DEFAULT_ROOT`; kept for service.settings until it reads DEFAULT_ROOT itself."""
+    return DEFAULT_ROOT
 
 
 def parse_reference(reference: str) -> tuple[str, int | None]:
@@ -71,8 +78,8 @@ class Artifact:
 class ModelRepository:
     """Publish, list, resolve and verify model versions under one root directory."""
 
-    def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+    def __init__(self, root: Path | str = DEFAULT_ROOT) -> None:
+        self.root = Path(root)
 
     def names(self) -> list[str]:
         """Model names that have at least one published version."""
@@ -125,7 +132,9 @@ class ModelRepository:
             raise ValueError(f"bad model name {name!r}: use lowercase letters, digits, '-' and '_'")
         directory = self.root / name
         directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+        remove_abandoned_staging(directory)
+        owner = f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}@"
+        staging = Path(tempfile.mkdtemp(prefix=owner, dir=directory))
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from a service user
         try:
             files = {MODEL_FILE: onnx_file, **(extra_files or {})}
@@ -173,6 +182,37 @@ class ModelRepository:
             raise InvalidArtifactError(
                 f"{path / MANIFEST_FILE} is invalid at {where}: {first['msg']}"
             ) from exc
+
+
+def remove_abandoned_staging(directory: Path) -> list[Path]:
+    """Remove the staging directories in `directory` that no publisher is still writing: those
+    whose process, on this host, has died, and any untouched for `STALE_STAGING_S`."""
+    removed = []
+    for path in directory.glob(f"{STAGING_PREFIX}*"):
+        try:
+            abandoned = (_owner_is_dead(path.name)
+                         or time.time() - path.stat().st_mtime > STALE_STAGING_S)
+        except FileNotFoundError:
+            continue  # its publisher just renamed or removed it
+        if abandoned:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _owner_is_dead(name: str) -> bool:
+    """Whether the process named in `.staging-PID@HOST@...` is gone; False when unknowable."""
+    pid, _, rest = name.removeprefix(STAGING_PREFIX).partition("@")
+    host = rest.partition("@")[0]
+    if not pid.isdigit() or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def verify(artifact: Artifact) -> None:

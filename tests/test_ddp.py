@@ -53,8 +53,8 @@ def _train_one_rank(rank: int, port: int, out: Path) -> None:
     from trainer.runtime import stop_runtime
 
     dataset = load_dataset("digits", labels_per_class=5, progress=False)
-    config = TrainConfig(threads=1, progress=False, batch_size=8, supervised_steps=3,
-                         pseudo_steps=3, refine_steps=2, device="cpu")
+    config = TrainConfig(threads=1, progress=False, batch_size=8, supervised={"steps": 3},
+                         pseudo={"steps": 3}, refine={"steps": 2}, device="cpu")
     trained = run_pipeline(dataset, config)
     torch.save(trained.classifier.state_dict(), out / f"rank{rank}.pt")
     stop_runtime()

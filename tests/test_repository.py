@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -14,7 +19,7 @@ from pydantic import ValidationError
 
 from models.errors import InvalidArtifactError, ModelNotFoundError, TamperedArtifactError
 from models.manifest import InputSpec, Manifest
-from models.repository import ModelRepository, parse_reference, sha256_file
+from models.repository import STALE_STAGING_S, ModelRepository, parse_reference, sha256_file
 from models.schema import manifest_json_schema
 
 SCHEMA_FILE = Path(__file__).parents[1] / "docs" / "manifest.schema.json"
@@ -52,6 +57,17 @@ def test_inconsistent_input_spec_is_rejected(change: dict) -> None:
               "std": (0.25,)}
     with pytest.raises(ValidationError):
         InputSpec(**{**fields, **change})
+
+
+def test_manifests_from_before_the_feedback_fields_still_load(
+    model_repo: ModelRepository,
+) -> None:
+    path = model_repo.root / "tiny" / "1" / "manifest.json"
+    document = json.loads(path.read_text())
+    del document["training"]["feedback"], document["training"]["feedback_snapshot"]
+    path.write_text(json.dumps(document))
+    training = model_repo.resolve("tiny").manifest.training
+    assert (training.feedback, training.feedback_snapshot) == (0, None)
 
 
 def test_unknown_manifest_fields_are_rejected(model_repo: ModelRepository) -> None:
@@ -105,6 +121,31 @@ def test_failed_publish_leaves_no_version(model_repo: ModelRepository, tmp_path:
         model_repo.publish("tiny", tmp_path / "missing.onnx", tiny_draft())
     assert model_repo.versions("tiny") == [1]
     assert [p.name for p in (model_repo.root / "tiny").iterdir()] == ["1"]
+
+
+def test_publish_removes_only_abandoned_staging_folders(
+    model_repo: ModelRepository, tmp_path: Path
+) -> None:
+    """A publisher killed mid-way leaves `.staging-*` behind; a live one's stays untouched."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    here, directory = socket.gethostname(), model_repo.root / "tiny"
+    folders = {
+        "dead": directory / f".staging-{finished.stdout.strip()}@{here}@dead",
+        "live": directory / f".staging-{os.getpid()}@{here}@live",
+        "elsewhere": directory / ".staging-1@another-host@recent",
+        "stale": directory / ".staging-1@another-host@stale",
+    }
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half a model")
+    an_hour_ago = time.time() - STALE_STAGING_S - 60
+    os.utime(folders["stale"], (an_hour_ago, an_hour_ago))
+
+    model_repo.publish("tiny", tmp_path / "tiny.onnx", tiny_draft())
+
+    left = {p.name for p in directory.iterdir()}
+    assert left == {"1", "2", folders["live"].name, folders["elsewhere"].name}
 
 
 def _publish_many(root: str, onnx_file: str, count: int) -> list[int]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,12 +20,13 @@ from PIL import Image
 
 from models.labels import LabelStore
 from models.queue import Guess, LabellingQueue, TaskRecord
-from models.repository import ModelRepository
+from models.repository import Artifact, ModelRepository
 from trainer.config import TrainConfig
 from trainer.retrain import latest_snapshot, original_data, retrain, take_snapshot
 
-TINY_TRAINING = {"supervised_steps": 10, "pseudo_steps": 0, "spreading": False, "threads": 1,
-                 "progress": False, "batch_size": 16}
+TINY_TRAINING = {"supervised": {"steps": 10}, "pseudo": {"steps": 0},
+                 "spreading": {"enabled": False}, "threads": 1, "progress": False,
+                 "batch_size": 16}
 LABELS_PER_CLASS = 3
 
 
@@ -74,13 +76,21 @@ def repo(trained_repo: Path, tmp_path: Path) -> ModelRepository:
     return ModelRepository(shutil.copytree(trained_repo, tmp_path / "store"))
 
 
+def scratch(directory: Path) -> Path:
+    """A temp folder of the test's own, to prove retrain leaves nothing there."""
+    path = directory / "tmp"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def run_retrain(repo: ModelRepository, prefix: str, snapshots: Path, *flags: str
                 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "trainer", "retrain", "--name", "digits",
                "--labels-per-class", str(LABELS_PER_CLASS), "--supervised-steps", "10",
                "--pseudo-steps", "0", "--no-spreading", "--threads", "1", "--no-progress",
                "--model-dir", str(repo.root), "--snapshot-dir", str(snapshots), *flags]
-    env = {**os.environ, "HALFLABEL_REDIS_URL": REDIS_URL, "HALFLABEL_QUEUE_PREFIX": prefix}
+    env = {**os.environ, "HALFLABEL_REDIS_URL": REDIS_URL, "HALFLABEL_QUEUE_PREFIX": prefix,
+           "TMPDIR": str(scratch(snapshots.parent))}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
 
 
@@ -114,6 +124,7 @@ def test_retrain_publishes_and_the_live_service_serves_it(
             result = run_retrain(repo, queue_prefix, tmp_path / "snapshots", "--margin", "1")
             assert result.returncode == 0, result.stderr
             assert "published digits:2" in result.stdout
+            assert list(scratch(tmp_path).iterdir()) == []  # no candidate left behind
 
             deadline = time.monotonic() + 20
             while client.post("/v1/predict", content=digit_pngs(1)[0][0],
@@ -132,13 +143,22 @@ def test_retrain_publishes_and_the_live_service_serves_it(
     assert store.unacknowledged() == []
     snapshot = latest_snapshot(tmp_path / "snapshots" / queue_prefix)
     assert snapshot.version == 1 and {i.task_id for i in snapshot.items} == {t["id"] for t in tasks}
-    assert str(snapshot.path) in manifest.training.data
+    assert manifest.training.feedback_snapshot == str(snapshot.path)
+    assert manifest.training.data == "digits"
 
 
 @pytest.mark.slow
 def test_the_gate_keeps_the_current_version_when_the_candidate_is_worse(
-    repo: ModelRepository, queue_prefix: str, tmp_path: Path
+    repo: ModelRepository, queue_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    publishes: list[Path] = []
+    publish = ModelRepository.publish
+
+    def counted(self: ModelRepository, *args: Any, **kwargs: Any) -> Artifact:
+        publishes.append(self.root)
+        return publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRepository, "publish", counted)
     label_directly(queue_prefix, digit_pngs(5))
     store = LabelStore(redis.Redis.from_url(REDIS_URL), queue_prefix)
     base = original_data(repo.resolve("digits").manifest, labels_per_class=LABELS_PER_CLASS,
@@ -146,7 +166,7 @@ def test_the_gate_keeps_the_current_version_when_the_candidate_is_worse(
     # A margin of -1 asks the candidate to be 100 points better: no candidate can be.
     result = retrain("digits", repo, store, tmp_path / "snapshots",
                      TrainConfig(**TINY_TRAINING), base, margin=-1.0)
-    assert result.published is None
+    assert result.published is None and publishes == []
     assert repo.versions("digits") == [1]
     assert result.feedback == 5
     assert result.current.n == result.candidate.n > 0  # the same held-out images for both
@@ -155,7 +175,12 @@ def test_the_gate_keeps_the_current_version_when_the_candidate_is_worse(
     forced = retrain("digits", repo, store, tmp_path / "snapshots",
                      TrainConfig(**TINY_TRAINING), base, margin=-1.0, force=True)
     assert forced.published is not None and forced.published.manifest.version == 2
-    assert forced.published.manifest.training.feedback == 5  # from the snapshot, not Redis
+    assert publishes == [repo.root]  # once, straight into the repository
+    manifest = forced.published.manifest
+    assert manifest.parent_version == 1
+    assert manifest.metrics.accuracy == forced.candidate.accuracy  # what the gate measured
+    assert manifest.training.feedback == 5  # from the snapshot, not Redis
+    assert manifest.training.feedback_snapshot == str(forced.snapshot.path)
 
 
 def test_retrain_without_labels_says_what_to_do(

@@ -12,10 +12,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import typer
+from typer.testing import CliRunner
 
 from models.repository import ModelRepository
+from trainer.cli import app
+from trainer.config import TrainConfig
 from trainer.data import load_dataset
+from trainer.flags import env_name, flag_name, settings_fields, with_settings
 from trainer.network import ProbabilitiesAndEntropy, classifier_from_checkpoint
+from trainer.settings import RepositorySettings, RetrainSettings
 
 TINY_BUDGET = ["--supervised-steps", "4", "--pseudo-steps", "4", "--refine-steps", "2",
                "--threads", "1", "--no-progress", "--batch-size", "16"]
@@ -56,7 +62,8 @@ def test_fit_publishes_a_complete_artifact(store: Path) -> None:
     assert (manifest.input.height, manifest.input.width, manifest.input.channels) == (8, 8, 1)
     assert manifest.metrics.split == "digits:test" and manifest.metrics.n_test == 450
     assert manifest.training.labelled == 50 and manifest.training.pseudo_labelled > 1000
-    assert manifest.training.stages == ("supervised", "label-spreading", "fixmatch")
+    assert manifest.training.stages == ("supervised", "label-spreading-1", "label-spreading-2",
+                                        "fixmatch")
     assert 0 <= manifest.entropy_threshold <= 1
     for extra in ("report.json", "weights.pt", "confusion_matrix.png", "reliability.png",
                   "accuracy_by_stage.png"):
@@ -152,3 +159,86 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path: Path) -> None:
     result = train_cli("fit", "--data", "digits", "--name", "d", "--device", "cuda",
                        *TINY_BUDGET, model_dir=tmp_path / "store")
     assert_one_line_error(result, "--device cuda")
+
+
+@pytest.mark.parametrize(("command", "models"), [
+    ("fit", (TrainConfig, RepositorySettings)),
+    ("evaluate", (RepositorySettings,)),
+    ("retrain", (TrainConfig, RetrainSettings)),
+])
+def test_help_lists_every_setting_with_its_variable(
+    command: str, models: tuple[type, ...]
+) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"},
+                                prog_name="halflabel-train")
+    assert result.exit_code == 0, result.output
+    for model in models:
+        for path, _ in settings_fields(model):
+            assert f"{flag_name(path)} " in result.output, (command, path)
+            assert env_name(model, path) in result.output, (command, path)
+    assert env_name(TrainConfig, ("spreading", "alpha")) == "HALFLABEL_TRAIN_SPREADING_ALPHA"
+
+
+def show_config(config: TrainConfig) -> None:
+    print(config.model_dump_json())
+
+
+def test_flags_win_over_variables_which_win_over_defaults() -> None:
+    probe = typer.Typer()
+    probe.command()(with_settings(show_config))
+    runner = CliRunner()
+    env = {"HALFLABEL_TRAIN_SPREADING_ALPHA": "0.5", "HALFLABEL_TRAIN_PSEUDO_STEPS": "7",
+           "HALFLABEL_TRAIN_BATCH_SIZE": "9"}
+    result = runner.invoke(probe, ["--pseudo-steps", "3", "--no-spreading", "--seed", "4"],
+                           env=env)
+    assert result.exit_code == 0, result.output
+    config = TrainConfig.model_validate_json(result.output)
+    assert (config.pseudo.steps, config.spreading.enabled, config.seed) == (3, False, 4)
+    assert (config.spreading.alpha, config.batch_size) == (0.5, 9)
+    assert config.spreading.rounds == TrainConfig().spreading.rounds
+    bad = runner.invoke(probe, [], env={"HALFLABEL_TRAIN_SPREADING_ALPHA": "2"})
+    assert bad.exit_code == 2
+    message = " ".join(bad.output.replace("│", " ").split())
+    assert "--spreading-alpha" in message and "HALFLABEL_TRAIN_SPREADING_ALPHA" in message
+
+
+def test_retrain_gate_settings_keep_their_names() -> None:
+    settings = RetrainSettings(margin=0.1)  # a flag's value, by field name
+    assert settings.margin == 0.1
+    assert env_name(RetrainSettings, ("margin",)) == "HALFLABEL_RETRAIN_MARGIN"
+    os.environ["HALFLABEL_RETRAIN_MARGIN"] = "0.25"
+    try:
+        assert RetrainSettings().margin == 0.25
+    finally:
+        del os.environ["HALFLABEL_RETRAIN_MARGIN"]
+
+
+NO_TORCH = """
+import sys
+
+class NoTorch:  # as on an install without the trainer extra
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+from trainer.cli import main
+sys.argv[0] = "halflabel-train"
+main()
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["fit", "--data", "digits", "--name", "d"],
+    ["evaluate", "--data", "digits", "--name", "d"],
+    ["retrain", "--name", "d"],
+])
+def test_without_the_trainer_extra_a_command_names_it(command: list[str], tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, *command,
+                             "--model-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=60)
+    assert_one_line_error(result, "pip install 'halflabel[trainer]'", "torch")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    help_text = subprocess.run([sys.executable, "-c", NO_TORCH, command[0], "--help"],
+                               capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0 and "--model-dir" in help_text.stdout

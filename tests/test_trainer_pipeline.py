@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -19,8 +20,17 @@ from trainer.network import Architecture, build_classifier, save_checkpoint
 from trainer.pipeline import run_pipeline
 from trainer.publish import export_and_publish
 
-TINY = {"threads": 1, "progress": False, "batch_size": 8, "supervised_steps": 3,
-        "pseudo_steps": 3, "refine_steps": 0}
+TINY: dict[str, Any] = {"threads": 1, "progress": False, "batch_size": 8,
+                        "supervised": {"steps": 3}, "pseudo": {"steps": 3}, "refine": {"steps": 0}}
+NO_SPREADING = {"spreading": {"enabled": False}}
+
+
+def tiny(**changes: Any) -> TrainConfig:
+    """The tiny budget with `changes`, a section's fields merged into the budget's."""
+    merged = {**TINY}
+    for key, value in changes.items():
+        merged[key] = {**TINY[key], **value} if key in TINY and isinstance(value, dict) else value
+    return TrainConfig(**merged)
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +44,26 @@ def state_digest(module: torch.nn.Module) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_every_stage_runs_and_is_reported(digits: Dataset) -> None:
-    trained = run_pipeline(digits, TrainConfig(**{**TINY, "pretrain_steps": 2, "refine_steps": 2}))
-    assert trained.stage_names == ("simclr", "supervised", "label-spreading", "fixmatch")
+    trained = run_pipeline(digits, tiny(pretrain={"steps": 2}, refine={"steps": 2}))
+    assert trained.stage_names == ("simclr", "supervised", "label-spreading-1",
+                                   "label-spreading-2", "fixmatch")
+    assert [stage.steps for stage in trained.stages] == [2, 3, 2, 1, 2]
     assert all(stage.test_accuracy is not None for stage in trained.stages)
-    spreading = trained.stages[2].details
-    assert 0 <= spreading["round1_pseudo_label_accuracy"] <= 1
-    assert 0 <= spreading["round2_pseudo_label_accuracy"] <= 1
-    assert "mask_rate_last_100" in trained.stages[3].details
+    for spreading in trained.stages[2:4]:
+        assert 0 <= spreading.details["pseudo_label_accuracy"] <= 1
+    assert "mask_rate_last_100" in trained.stages[4].details
     assert trained.calibration.held_out == 10 and trained.calibration.temperature > 0
     assert trained.pseudo_labelled == len(digits.unlabeled)
 
 
 @pytest.mark.slow
 def test_same_seed_same_model_on_cpu(digits: Dataset) -> None:
-    config = TrainConfig(**{**TINY, "refine_steps": 2})
+    config = tiny(refine={"steps": 2})
     first, second = run_pipeline(digits, config), run_pipeline(digits, config)
     for a, b in zip(state_digest(first.classifier), state_digest(second.classifier), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [s.test_accuracy for s in first.stages] == [s.test_accuracy for s in second.stages]
-    other = run_pipeline(digits, TrainConfig(**{**TINY, "seed": 1, "refine_steps": 2}))
+    other = run_pipeline(digits, tiny(seed=1, refine={"steps": 2}))
     assert any(not np.array_equal(a, b) for a, b in
                zip(state_digest(first.classifier), state_digest(other.classifier), strict=True))
 
@@ -60,16 +71,16 @@ def test_same_seed_same_model_on_cpu(digits: Dataset) -> None:
 def test_stages_that_need_unlabeled_images_name_the_empty_pool(digits: Dataset) -> None:
     empty = replace(digits, unlabeled=digits.unlabeled[:0], unlabeled_truth=None)
     with pytest.raises(DataError, match="label spreading .* pool is empty"):
-        run_pipeline(empty, TrainConfig(**TINY))
+        run_pipeline(empty, tiny())
     with pytest.raises(DataError, match="FixMatch .* pool is empty"):
-        run_pipeline(empty, TrainConfig(**{**TINY, "refine_steps": 1}, spreading=False))
-    supervised_only = run_pipeline(empty, TrainConfig(**TINY, spreading=False))
+        run_pipeline(empty, tiny(refine={"steps": 1}, **NO_SPREADING))
+    supervised_only = run_pipeline(empty, tiny(**NO_SPREADING))
     assert supervised_only.stage_names == ("supervised",)
 
 
 @pytest.mark.slow
 def test_parity_failure_refuses_to_publish(digits: Dataset, tmp_path: Path) -> None:
-    trained = run_pipeline(digits, TrainConfig(**TINY, spreading=False))
+    trained = run_pipeline(digits, tiny(**NO_SPREADING))
     onnx_path = export_onnx(trained.classifier, digits.spec, tmp_path / "model.onnx")
     images = np.ascontiguousarray(digits.labeled.images[:8])
     assert check_parity(onnx_path, trained.classifier, images) <= 1e-4
@@ -83,7 +94,7 @@ def test_parity_failure_refuses_to_publish(digits: Dataset, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_fp16_variant_is_published_and_agrees_with_fp32(digits: Dataset, tmp_path: Path) -> None:
-    trained = run_pipeline(digits, TrainConfig(**TINY, spreading=False, fp16=True))
+    trained = run_pipeline(digits, tiny(fp16=True, **NO_SPREADING))
     repository = ModelRepository(tmp_path / "store")
     artifact = export_and_publish(trained, repository, "digits16")
     assert artifact.fp16_onnx_path is not None
@@ -128,13 +139,12 @@ def test_missing_imagenet_weights_say_where_to_put_them(
 
 
 def test_untrained_backbone_spreads_first_over_pixels(digits: Dataset) -> None:
-    pixels_first = run_pipeline(digits, TrainConfig(**TINY)).stages[1].details
-    assert pixels_first["round1_spread_on_inputs"] == 1
-    assert pixels_first["round2_spread_on_inputs"] == 0
+    rounds = run_pipeline(digits, tiny()).stages[1:3]
+    assert [r.details["spread_on_inputs"] for r in rounds] == [1, 0]
     # 3 supervised steps teach the backbone nothing; the pixels of digits already cluster.
-    assert pixels_first["round1_pseudo_label_accuracy"] > 0.8
-    embeddings = run_pipeline(digits, TrainConfig(**TINY, first_spreading_space="embeddings"))
+    pixels_first = rounds[0].details["pseudo_label_accuracy"]
+    assert pixels_first > 0.8
+    embeddings = run_pipeline(digits, tiny(spreading={"first_space": "embeddings"}))
     details = embeddings.stages[1].details
-    assert details["round1_spread_on_inputs"] == 0
-    assert details["round1_pseudo_label_accuracy"] < pixels_first[
-        "round1_pseudo_label_accuracy"] - 0.05
+    assert details["spread_on_inputs"] == 0
+    assert details["pseudo_label_accuracy"] < pixels_first - 0.05

@@ -1,4 +1,9 @@
-"""`halflabel-train`: fit a model and publish it, or evaluate a published version."""
+"""`halflabel-train`: fit a model and publish it, evaluate a published version, or retrain it
+from the labels people gave.
+
+Every setting is a flag generated from its model (`trainer.config.TrainConfig` for the recipe,
+`trainer.settings` for the rest) and an environment variable; a flag wins over its variable.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,41 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from models.errors import HalflabelError
-from models.repository import ModelRepository, default_root, parse_reference
-from trainer.config import Backbone, Device, SpreadingSpace, TrainConfig
-from trainer.retrain import retrain_command
+from models.repository import Artifact, ModelRepository, parse_reference
+from trainer.config import TrainConfig
+from trainer.errors import DataError
+from trainer.flags import with_settings
+from trainer.settings import RepositorySettings, RetrainSettings
+
+if TYPE_CHECKING:
+    from trainer.retrain import RetrainResult
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
                   add_completion=False)
 console = Console()
 errors = Console(stderr=True)
 
+# What `pip install 'halflabel[trainer]'` brings; an install without it can only say so.
+TRAINER_EXTRA = {"torch", "torchvision", "sklearn", "scipy", "faiss", "onnx", "onnxscript",
+                 "onnxruntime", "matplotlib", "tqdm"}
+
 DataOption = Annotated[str, typer.Option(
     "--data", help="digits, fashion-mnist, or a folder with labeled/<class>/, unlabeled/, test/")]
-ModelDirOption = Annotated[Path | None, typer.Option(
-    "--model-dir", envvar="HALFLABEL_MODEL_DIR", show_envvar=True,
-    help="model repository root [default: models/store]")]
 DataDirOption = Annotated[Path | None, typer.Option(
     "--data-dir", help="where Fashion-MNIST's *-ubyte.gz files are")]
+LabelsPerClassOption = Annotated[int | None, typer.Option(
+    min=1, help="label budget per class (default: digits 5, fashion-mnist 10, folders all; "
+    "retrain: as given to fit)")]
+LabeledFractionOption = Annotated[float | None, typer.Option(
+    min=0, max=1, help="label budget as a fraction of each class")]
 
 
 @contextmanager
@@ -37,8 +54,17 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except HalflabelError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAINER_EXTRA:
+            raise
+        _fail(f"training needs the trainer extra ({exc.name} is not installed): "
+              "pip install 'halflabel[trainer]'")
+
+
+def _fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
 
 
 def _setup_logging() -> None:
@@ -48,114 +74,75 @@ def _setup_logging() -> None:
 
 
 @app.command()
+@with_settings
 def fit(
     data: DataOption,
     name: Annotated[str, typer.Option(help="model name in the repository")],
-    labels_per_class: Annotated[int | None, typer.Option(
-        min=1, help="label budget per class [default: digits 5, fashion-mnist 10, folders all]")
-    ] = None,
-    labeled_fraction: Annotated[float | None, typer.Option(
-        min=0, max=1, help="label budget as a fraction of each class")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed for the split and training")] = None,
-    backbone: Annotated[Backbone | None, typer.Option(help="resnet18, resnet34 or resnet50")
-                        ] = None,
-    weights: Annotated[str | None, typer.Option(help="imagenet, a checkpoint PATH, or none")
-                       ] = None,
-    device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda")] = None,
+    labels_per_class: LabelsPerClassOption = None,
+    labeled_fraction: LabeledFractionOption = None,
     image_size: Annotated[int | None, typer.Option(
-        min=8, help="input side in pixels [default: digits 8, fashion-mnist 28, folders 32]")
+        min=8, help="input side in pixels (default: digits 8, fashion-mnist 28, folders 32)")
     ] = None,
-    pretrain_steps: Annotated[int | None, typer.Option(
-        min=0, help="SimCLR pretraining steps (without weights)")] = None,
-    supervised_steps: Annotated[int | None, typer.Option(min=0)] = None,
-    pseudo_steps: Annotated[int | None, typer.Option(
-        min=0, help="training steps on the spread pseudo-labels")] = None,
-    spreading_rounds: Annotated[int | None, typer.Option(
-        min=1, help="label spreading rounds, each on the embeddings the last one improved")
-    ] = None,
-    first_spreading_space: Annotated[SpreadingSpace | None, typer.Option(
-        help="first spreading round over inputs (pixels) or embeddings; auto: pixels of small "
-        "images when the backbone starts untrained")] = None,
-    refine_steps: Annotated[int | None, typer.Option(
-        min=0, help="FixMatch/FlexMatch refinement steps")] = None,
-    spreading: Annotated[bool | None, typer.Option(
-        "--spreading/--no-spreading", help="label spreading stage")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=2)] = None,
-    horizontal_flip: Annotated[bool | None, typer.Option(
-        "--horizontal-flip/--no-horizontal-flip",
-        help="flip augmentation, for classes a mirror does not change [default: off]")] = None,
-    fp16: Annotated[bool | None, typer.Option("--fp16/--no-fp16",
-                                              help="also publish an FP16 ONNX")] = None,
-    threads: Annotated[int | None, typer.Option(min=0, help="CPU threads (0: all)")] = None,
-    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
     if_empty: Annotated[bool, typer.Option(
         "--if-empty", help="train only if the repository has no version of NAME")] = False,
-    model_dir: ModelDirOption = None,
     data_dir: DataDirOption = None,
+    *,
+    config: TrainConfig,
+    settings: RepositorySettings,
 ) -> None:
-    """Train on DATA and publish a new version of NAME. Flags override HALFLABEL_TRAIN_* vars."""
+    """Train on DATA and publish a new version of NAME."""
     _setup_logging()
-    # Flags left unset fall through to HALFLABEL_TRAIN_* variables, then to the defaults.
-    flags = {key: value for key, value in locals().items()
-             if key in TrainConfig.model_fields and value is not None}
     with user_errors():
-        repository = ModelRepository(model_dir or default_root())
+        repository = ModelRepository(settings.model_dir)
         if if_empty and repository.versions(name):
             console.print(f"model {name!r} already has versions in {repository.root}; "
                           "skipping training (--if-empty)")
             return
-        _fit(TrainConfig(**flags), data, name, repository, labels_per_class,
-             labeled_fraction, data_dir, image_size)
+        from trainer.data import load_dataset
+        from trainer.pipeline import run_pipeline
+        from trainer.publish import export_and_publish
+        from trainer.runtime import stop_runtime
+
+        dataset = load_dataset(data, labels_per_class=labels_per_class,
+                               labeled_fraction=labeled_fraction, seed=config.seed,
+                               data_dir=data_dir, image_size=image_size,
+                               progress=config.progress)
+        console.print(f"data {dataset.source}: {len(dataset.labeled)} labeled, "
+                      f"{len(dataset.unlabeled)} unlabeled, "
+                      f"{len(dataset.test) if dataset.test else 0} test images")
+        try:
+            trained = run_pipeline(dataset, config)
+            if trained.runtime.is_main:
+                _print_published(export_and_publish(trained, repository, name))
+        finally:
+            stop_runtime()
 
 
-def _fit(config: TrainConfig, data: str, name: str, repository: ModelRepository,
-         labels_per_class: int | None, labeled_fraction: float | None,
-         data_dir: Path | None, image_size: int | None) -> None:
-    from trainer.data import load_dataset
-    from trainer.pipeline import run_pipeline
-    from trainer.publish import export_and_publish
-    from trainer.runtime import stop_runtime
-
-    dataset = load_dataset(data, labels_per_class=labels_per_class,
-                           labeled_fraction=labeled_fraction, seed=config.seed,
-                           data_dir=data_dir, image_size=image_size, progress=config.progress)
-    console.print(f"data {dataset.source}: {len(dataset.labeled)} labeled, "
-                  f"{len(dataset.unlabeled)} unlabeled, "
-                  f"{len(dataset.test) if dataset.test else 0} test images")
-    try:
-        trained = run_pipeline(dataset, config)
-        if trained.runtime.is_main:
-            artifact = export_and_publish(trained, repository, name)
-            _print_published(artifact.path, artifact.manifest.model_dump())
-    finally:
-        stop_runtime()
-
-
-def _print_published(path: Path, manifest: dict[str, Any]) -> None:
-    metrics = manifest["metrics"]
-    console.print(f"published {manifest['name']}:{manifest['version']} to {path}")
-    ece = f", ECE {metrics['ece']:.3f}" if metrics["ece"] is not None else ""
-    console.print(f"{metrics['split']}: accuracy {metrics['accuracy']:.2%} "
-                  f"on {metrics['n_test']} images{ece}; "
-                  f"entropy threshold {manifest['entropy_threshold']:.3f}")
+def _print_published(artifact: Artifact) -> None:
+    manifest, metrics = artifact.manifest, artifact.manifest.metrics
+    console.print(f"published {manifest.name}:{manifest.version} to {artifact.path}")
+    ece = f", ECE {metrics.ece:.3f}" if metrics.ece is not None else ""
+    console.print(f"{metrics.split}: accuracy {metrics.accuracy:.2%} on {metrics.n_test} images"
+                  f"{ece}; entropy threshold {manifest.entropy_threshold:.3f}")
 
 
 @app.command()
+@with_settings
 def evaluate(
     name: Annotated[str, typer.Option(help="NAME or NAME:VERSION (default: latest)")],
     data: DataOption,
-    model_dir: ModelDirOption = None,
     data_dir: DataDirOption = None,
+    *,
+    settings: RepositorySettings,
 ) -> None:
     """Metrics of a published version on DATA's test split, computed with ONNX Runtime."""
     _setup_logging()
     with user_errors():
         from trainer.data import load_dataset
-        from trainer.errors import DataError
         from trainer.publish import evaluate_onnx
 
         model_name, version = parse_reference(name)
-        artifact = ModelRepository(model_dir or default_root()).resolve(model_name, version)
+        artifact = ModelRepository(settings.model_dir).resolve(model_name, version)
         manifest = artifact.manifest
         dataset = load_dataset(data, spec=manifest.input, data_dir=data_dir,
                                labeled_fraction=1.0, progress=False)
@@ -172,7 +159,55 @@ def evaluate(
                       f"{manifest.entropy_threshold:.3f}")
 
 
-app.command("retrain")(retrain_command)
+@app.command()
+@with_settings
+def retrain(
+    name: Annotated[str, typer.Option(help="model to retrain; its latest version is the parent")],
+    data: Annotated[str | None, typer.Option(
+        help="original data (default: the parent's)")] = None,
+    labels_per_class: LabelsPerClassOption = None,
+    labeled_fraction: LabeledFractionOption = None,
+    *,
+    config: TrainConfig,
+    settings: RetrainSettings,
+) -> None:
+    """Fine-tune NAME on the new labels and publish it only if it is not worse. The parent's
+    backbone and seed apply unless a flag or variable sets them."""
+    _setup_logging()
+    with user_errors():
+        import redis
+
+        from models.labels import LabelStore
+        from trainer import retrain as retraining
+
+        repository = ModelRepository(settings.model_dir)
+        parent = repository.resolve(name).manifest
+        config = retraining.inherit(config, parent)
+        base = retraining.original_data(parent, data=data, labels_per_class=labels_per_class,
+                                        labeled_fraction=labeled_fraction, seed=config.seed,
+                                        progress=config.progress)
+        store = LabelStore(redis.Redis.from_url(settings.redis_url), settings.queue_prefix)
+        try:
+            result = retraining.retrain(
+                name, repository, store, settings.snapshot_dir / settings.queue_prefix, config,
+                base, margin=settings.margin, force=settings.force)
+        except redis.RedisError as exc:
+            raise DataError(f"cannot read labels from Redis at {settings.redis_url}: {exc}; "
+                            "check HALFLABEL_REDIS_URL (--redis-url)") from None
+    _report_retrain(name, parent.version, result, settings.margin)
+
+
+def _report_retrain(name: str, parent: int, result: RetrainResult, margin: float) -> None:
+    console.print(f"snapshot {result.snapshot.path} ({len(result.snapshot.items)} labels); "
+                  f"{result.feedback} used for {name}")
+    console.print(f"held-out accuracy: current {name}:{parent} {result.current.accuracy:.2%}, "
+                  f"candidate {result.candidate.accuracy:.2%} on {result.candidate.n} images")
+    if result.published is None:
+        console.print(f"kept {name}:{parent}: the candidate is worse by more than the margin "
+                      f"({margin:.2%}); --force publishes anyway")
+    else:
+        published = result.published
+        console.print(f"published {name}:{published.manifest.version} to {published.path}")
 
 
 def main() -> None:

@@ -1,55 +1,112 @@
-"""Training configuration: `HALFLABEL_TRAIN_*` environment variables, overridden by CLI flags."""
+"""The training recipe's settings: one section per method, nested in `TrainConfig`.
+
+Each field is an environment variable `HALFLABEL_TRAIN_<SECTION>_<FIELD>` (top-level ones
+`HALFLABEL_TRAIN_<FIELD>`) and a flag `--<section>-<field>` of `fit` and `retrain`, generated
+by `trainer.flags`; a flag wins over its variable. A stage's `steps` is its budget: 0 skips it.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The backbones `trainer.network.build_backbone` can build (torchvision's names).
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
 Device = Literal["auto", "cpu", "cuda"]
 SpreadingSpace = Literal["auto", "inputs", "embeddings"]
 
 
-class TrainConfig(BaseSettings):
-    """Every knob of the pipeline; each stage can be switched off by setting its budget to 0."""
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_config = SettingsConfigDict(env_prefix="HALFLABEL_TRAIN_", frozen=True)
 
-    backbone: Backbone = "resnet18"
-    weights: str = Field("none", description="imagenet, a checkpoint PATH, or none")
-    device: Device = "auto"
-    seed: int = 0
-    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores")
-    batch_size: int = Field(64, ge=2)
-    learning_rate: float = Field(0.05, gt=0)
-    pretrain_steps: int = Field(0, ge=0, description="SimCLR steps; used only without weights")
-    supervised_steps: int = Field(100, ge=0)
-    spreading: bool = True
-    spreading_neighbors: int = Field(10, ge=1)
-    spreading_alpha: float = Field(
-        0.9, gt=0, lt=1, description="how far labels spread; lower keeps the spread labels "
+class PretrainConfig(_Section):
+    """SimCLR pretraining of the backbone on every training image (only without weights)."""
+
+    steps: int = Field(default=0, ge=0, description="SimCLR steps; used only with --weights none")
+
+
+class SupervisedConfig(_Section):
+    """Fine-tuning on the labeled images alone."""
+
+    steps: int = Field(default=100, ge=0, description="fine-tuning steps on the labeled images")
+
+
+class SpreadingConfig(_Section):
+    """Label spreading over a kNN graph, in rounds, each followed by training on its labels."""
+
+    enabled: bool = Field(
+        default=True, description="label spreading and training on its pseudo-labels")
+    rounds: int = Field(default=2, ge=1, description="spreading rounds, each on the embeddings the "
+                        "previous one improved; the pseudo-label steps are split between them")
+    neighbors: int = Field(default=10, ge=1, description="neighbours per image in the kNN graph")
+    alpha: float = Field(
+        default=0.9, gt=0, lt=1, description="how far labels spread; lower keeps the spread labels "
         "surer near the seeds (0.99 gave flatter, less accurate pseudo-labels on digits)")
-    pixel_spreading_gamma: float = Field(
-        30.0, gt=0, description="edge weight exponent over pixels; their cosine similarities "
-        "bunch near 1, so the 3 Iscen et al. use for embeddings barely tells near from far")
+    pixel_gamma: float = Field(
+        default=30.0, gt=0, description="edge weight exponent over pixels; their cosine "
+        "similarities bunch near 1, so the 3 Iscen et al. use for embeddings barely tells "
+        "near from far")
     unreached_prior: float = Field(
-        0.0, ge=0, description="uniform prior, in units of the pool's median label mass, added "
-        "before a pseudo-label's confidence is taken: images little label mass reaches (a class "
-        "nobody has labelled yet) get flat targets and head the labelling queue; 0.01 suits a "
-        "handful of labels that may miss classes, and costs accuracy once every class has some")
-    spreading_rounds: int = Field(2, ge=1, description="re-spread on the improved embeddings")
-    first_spreading_space: SpreadingSpace = Field(
-        "auto", description="what the first round spreads over; auto: the pixels of small "
+        default=0.0, ge=0, description="uniform prior, in units of the pool's median label "
+        "mass, added before a pseudo-label's confidence is taken: images little label mass "
+        "reaches (a class nobody has labelled yet) get flat targets and head the labelling "
+        "queue; 0.01 suits a handful of labels that may miss classes, and costs accuracy "
+        "once every class has some")
+    first_space: SpreadingSpace = Field(
+        default="auto", description="what the first round spreads over; auto: the pixels of small "
         "images when the backbone starts untrained, else the backbone's embeddings")
-    pseudo_steps: int = Field(80, ge=0, description="training on the spread pseudo-labels")
-    refine_steps: int = Field(40, ge=0, description="FixMatch + FlexMatch refinement steps")
-    confidence_threshold: float = Field(0.95, gt=0, lt=1, description="FixMatch's tau")
+
+
+class PseudoConfig(_Section):
+    """Training on labeled images plus the spread pseudo-labels."""
+
+    steps: int = Field(default=80, ge=0, description="training steps on the spread pseudo-labels, "
+                       "over all spreading rounds")
+
+
+class RefineConfig(_Section):
+    """FixMatch consistency training with FlexMatch class thresholds."""
+
+    steps: int = Field(default=40, ge=0, description="FixMatch + FlexMatch refinement steps")
+    confidence_threshold: float = Field(default=0.95, gt=0, lt=1, description="FixMatch's tau")
+
+
+class CalibrationConfig(_Section):
+    """Temperature scaling and the entropy threshold, on a held-out slice of the labels."""
+
+    fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="share of each class's labels held out for "
+        "calibration (rounded down, leaving at least two)")
+    target_confident_accuracy: float = Field(
+        default=0.95, gt=0, le=1, description="accuracy the inputs left unqueued must reach")
+    min_queue_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="share of held-out inputs queued at the least")
+
+
+class TrainConfig(BaseSettings):
+    """Every knob of the pipeline: shared ones at the top, each method's in its section."""
+
+    model_config = SettingsConfigDict(env_prefix="HALFLABEL_TRAIN_", env_nested_delimiter="_",
+                                      env_nested_max_split=1, frozen=True, extra="forbid")
+
+    backbone: Backbone = Field("resnet18", description="the network's ResNet backbone")
+    weights: str = Field("none", description="imagenet, a checkpoint PATH, or none")
+    device: Device = Field("auto", description="auto uses CUDA when PyTorch sees a GPU")
+    seed: int = Field(0, description="seed for the label split and training")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores")
+    batch_size: int = Field(64, ge=2, description="labeled images per batch")
+    learning_rate: float = Field(0.05, gt=0, description="SGD's, cosine-annealed in each stage")
     unlabeled_ratio: int = Field(2, ge=1, description="unlabeled per labeled image in a batch")
-    calibration_fraction: float = Field(0.2, ge=0, lt=1)
-    target_confident_accuracy: float = Field(0.95, gt=0, le=1)
-    min_queue_fraction: float = Field(0.1, ge=0, le=1)
-    fp16: bool = False
-    horizontal_flip: bool = Field(False, description="flip augmentation (off for digits)")
-    progress: bool = True
+    horizontal_flip: bool = Field(False, description="flip augmentation, for classes a mirror "
+                                  "does not change (off for digits)")
+    fp16: bool = Field(False, description="also publish an FP16 ONNX")
+    progress: bool = Field(True, description="progress bars")
+    pretrain: PretrainConfig = PretrainConfig()
+    supervised: SupervisedConfig = SupervisedConfig()
+    spreading: SpreadingConfig = SpreadingConfig()
+    pseudo: PseudoConfig = PseudoConfig()
+    refine: RefineConfig = RefineConfig()
+    calibration: CalibrationConfig = CalibrationConfig()

@@ -20,8 +20,26 @@ from trainer.augment import strong, weak
 from trainer.config import TrainConfig
 from trainer.optimise import optimise, sample_batch
 from trainer.runtime import Runtime
+from trainer.stage import TrainingState
 
 UNUSED = -1
+
+
+class FixMatchRefinement:
+    """Consistency training on the pool, thresholds seeded by the latest pseudo-labels."""
+
+    name = "fixmatch"
+
+    def steps(self, config: TrainConfig) -> int:
+        return config.refine.steps
+
+    def run(self, state: TrainingState, steps: int) -> dict[str, float]:
+        state.require_pool("FixMatch refinement (--refine-steps 0 to skip)")
+        classes = len(state.dataset.classes)
+        seeds = np.full(len(state.pool), UNUSED) if state.pseudo is None else state.pseudo.labels
+        thresholds = FlexMatchThresholds(seeds, classes, state.config.refine.confidence_threshold)
+        return refine(state.classifier, state.images, state.labels, state.pool, thresholds,
+                      steps, state.config, state.runtime)
 
 
 class FlexMatchThresholds:
@@ -49,9 +67,9 @@ class FlexMatchThresholds:
 
 def refine(
     classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor,
-    thresholds: FlexMatchThresholds, config: TrainConfig, runtime: Runtime,
+    thresholds: FlexMatchThresholds, steps: int, config: TrainConfig, runtime: Runtime,
 ) -> dict[str, float]:
-    """`config.refine_steps` FixMatch steps; returns the share of pool images last used."""
+    """`steps` FixMatch steps; returns the share of pool images last used."""
     generator = runtime.generator("refine")
     flip = config.horizontal_flip
     pool_batch = config.batch_size * config.unlabeled_ratio
@@ -74,6 +92,5 @@ def refine(
         consistency = F.cross_entropy(strong_logits, guessed, reduction="none") * mask
         return F.cross_entropy(labeled_logits, labels[known]) + consistency.mean()
 
-    optimise(classifier, step_loss, config.refine_steps, config.learning_rate, runtime,
-             "refine (FixMatch)")
+    optimise(classifier, step_loss, steps, config.learning_rate, runtime, "refine (FixMatch)")
     return {"mask_rate_last_100": float(np.mean(used[-100:])) if used else 0.0}

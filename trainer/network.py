@@ -16,11 +16,7 @@ from trainer.errors import WeightsError
 
 # Below this side, ResNet's 7x7/2 stem and max-pool would shrink the image to almost nothing.
 CIFAR_STEM_BELOW = 64
-IMAGENET_WEIGHTS = {
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-}
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # the weights `--weights imagenet` loads, for every backbone
 
 
 class Architecture(BaseModel):
@@ -44,15 +40,7 @@ class Classifier(nn.Module):
     def __init__(self, architecture: Architecture) -> None:
         super().__init__()
         self.architecture = architecture
-        resnet = getattr(torchvision.models, architecture.backbone)(weights=None)
-        if architecture.cifar_stem:
-            resnet.conv1 = nn.Conv2d(architecture.in_channels, 64, 3, 1, 1, bias=False)
-            resnet.maxpool = nn.Identity()
-        elif architecture.in_channels != 3:
-            resnet.conv1 = nn.Conv2d(architecture.in_channels, 64, 7, 2, 3, bias=False)
-        self.feature_dim = resnet.fc.in_features
-        resnet.fc = nn.Identity()
-        self.backbone = resnet
+        self.backbone, self.feature_dim = build_backbone(architecture)
         self.head = nn.Linear(self.feature_dim, architecture.num_classes)
         self.register_buffer("temperature", torch.ones(()))
 
@@ -64,6 +52,20 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images))
+
+
+def build_backbone(architecture: Architecture) -> tuple[nn.Module, int]:
+    """The named torchvision ResNet, its stem fitted to the input, without its classifier;
+    returns it and the size of its features."""
+    resnet = torchvision.models.get_model(architecture.backbone, weights=None)
+    if architecture.cifar_stem:
+        resnet.conv1 = nn.Conv2d(architecture.in_channels, 64, 3, 1, 1, bias=False)
+        resnet.maxpool = nn.Identity()
+    elif architecture.in_channels != 3:
+        resnet.conv1 = nn.Conv2d(architecture.in_channels, 64, 7, 2, 3, bias=False)
+    feature_dim = resnet.fc.in_features
+    resnet.fc = nn.Identity()
+    return resnet, feature_dim
 
 
 class ProbabilitiesAndEntropy(nn.Module):
@@ -134,7 +136,7 @@ def classifier_from_checkpoint(path: Path) -> Classifier:
 
 
 def _imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
-    url = IMAGENET_WEIGHTS[backbone].url
+    url = torchvision.models.get_model_weights(backbone)[IMAGENET_WEIGHTS].url
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if not path.is_file():
         raise WeightsError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,11 +76,30 @@ def evaluate_onnx_file(onnx_path: Path, input_name: str, entropy_threshold: floa
     )
 
 
-def export_and_publish(
-    trained: TrainedModel, repository: ModelRepository, name: str,
-    parent_version: int | None = None, feedback_count: int = 0,
-) -> Artifact:
-    """Export to ONNX (refusing on a parity failure), publish, and fill in held-out metrics.
+@dataclass(frozen=True)
+class ExportedModel:
+    """A trained model exported to ONNX, checked and evaluated in a work folder: what will be
+    published, already measured."""
+
+    onnx_path: Path
+    fp16_onnx_path: Path | None
+    draft: ManifestDraft
+    evaluation: Evaluation
+    files: dict[str, Path]
+
+    def publish(self, repository: ModelRepository, name: str) -> Artifact:
+        """Publish it as the next version of `name`."""
+        return repository.publish(name, self.onnx_path, self.draft,
+                                  fp16_onnx_file=self.fp16_onnx_path, extra_files=self.files)
+
+
+@contextmanager
+def exported(
+    trained: TrainedModel, *, parent_version: int | None = None, feedback: int = 0,
+    feedback_snapshot: Path | None = None,
+) -> Iterator[ExportedModel]:
+    """Export to ONNX (refusing on a parity failure) and evaluate it, in a folder that lasts
+    as long as the context.
 
     The manifest's metrics come from ONNX Runtime on the exported file: on the test split when
     there is one, else on the held-out labeled slice.
@@ -99,12 +120,21 @@ def export_and_publish(
             accuracy=evaluation.accuracy, n_test=evaluation.n, split=split, ece=evaluation.ece,
             extra={"parity_max_abs_diff": parity, "queued_fraction": evaluation.queued_fraction},
         )
-        extra_files = _report_files(trained, evaluation_set, evaluation, parity, work)
-        return repository.publish(
-            name, onnx_path, _draft(trained, metrics, parent_version, feedback_count),
-            fp16_onnx_file=fp16_path,
-            extra_files={**extra_files, "weights.pt": work / "weights.pt"},
+        training = _training_summary(trained, feedback, feedback_snapshot)
+        files = _report_files(trained, evaluation_set, evaluation, parity, work)
+        yield ExportedModel(
+            onnx_path, fp16_path, _draft(trained, metrics, training, parent_version), evaluation,
+            {**files, "weights.pt": work / "weights.pt"},
         )
+
+
+def export_and_publish(
+    trained: TrainedModel, repository: ModelRepository, name: str,
+    parent_version: int | None = None,
+) -> Artifact:
+    """Export, check and publish `trained` as the next version of `name`."""
+    with exported(trained, parent_version=parent_version) as model:
+        return model.publish(repository, name)
 
 
 def _evaluation_set(trained: TrainedModel) -> tuple[ImageSet, str]:
@@ -119,21 +149,27 @@ def _parity_batch(trained: TrainedModel, evaluation_set: ImageSet) -> np.ndarray
     return np.ascontiguousarray(images[:PARITY_BATCH])
 
 
-def _draft(trained: TrainedModel, metrics: Metrics, parent_version: int | None,
-           feedback_count: int) -> ManifestDraft:
+def _training_summary(trained: TrainedModel, feedback: int,
+                      feedback_snapshot: Path | None) -> TrainingSummary:
     dataset, config = trained.dataset, trained.config
+    return TrainingSummary(
+        labelled=len(dataset.labeled), pseudo_labelled=trained.pseudo_labelled,
+        feedback=feedback,
+        feedback_snapshot=str(feedback_snapshot) if feedback_snapshot is not None else None,
+        data=dataset.source, data_fingerprint=dataset.fingerprint(), seed=config.seed,
+        backbone=config.backbone, stages=trained.stage_names,
+    )
+
+
+def _draft(trained: TrainedModel, metrics: Metrics, training: TrainingSummary,
+           parent_version: int | None) -> ManifestDraft:
     return ManifestDraft(
-        classes=dataset.classes,
-        input=dataset.spec,
+        classes=trained.dataset.classes,
+        input=trained.dataset.spec,
         opset=OPSET,
         metrics=metrics,
         entropy_threshold=trained.calibration.entropy_threshold,
-        training=TrainingSummary(
-            labelled=len(dataset.labeled), pseudo_labelled=trained.pseudo_labelled,
-            feedback=feedback_count, data=dataset.source,
-            data_fingerprint=dataset.fingerprint(), seed=config.seed,
-            backbone=config.backbone, stages=trained.stage_names,
-        ),
+        training=training,
         parent_version=parent_version,
     )
 

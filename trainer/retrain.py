@@ -1,4 +1,4 @@
-"""`halflabel-train retrain`: learn from the labels people gave, publish only if not worse.
+"""Retraining: learn from the labels people gave, publish only if not worse.
 
 1. Snapshot: the label store's unacknowledged labels are added to a new, numbered snapshot on
    disk (`<snapshot-dir>/<queue prefix>/snapshot-NNNN.jsonl` listing every label so far, images
@@ -7,8 +7,10 @@
    the snapshot's labels for this model; labelled images leave the unlabeled pool.
 3. Fine-tune from the current version's weights.pt, export, and evaluate candidate and current
    with ONNX Runtime on the same held-out test split.
-4. Publish only if candidate accuracy >= current accuracy - margin (or --force). The running
-   service picks the new version up by polling the repository.
+4. Publish the candidate, once, only if its accuracy >= current accuracy - margin (or with
+   force). The running service picks the new version up by polling the repository.
+
+`halflabel-train retrain` (trainer.cli) is the command line over `retrain`.
 """
 
 from __future__ import annotations
@@ -20,49 +22,19 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-import redis
-import typer
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.console import Console
 
-from models.errors import HalflabelError
 from models.labels import LabelRecord, LabelStore
-from models.manifest import Manifest, ManifestDraft
+from models.manifest import Manifest
 from models.preprocessing import preprocess
-from models.queue import DEFAULT_PREFIX
-from models.repository import (
-    FP16_MODEL_FILE,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    Artifact,
-    ModelRepository,
-    default_root,
-)
-from trainer.config import Device, TrainConfig
+from models.repository import Artifact, ModelRepository
+from trainer.config import TrainConfig
+from trainer.data import Dataset, ImageSet, load_dataset
 from trainer.errors import DataError
-
-if TYPE_CHECKING:
-    from trainer.data import Dataset
-    from trainer.publish import Evaluation
-
-FEEDBACK_MARK = " + feedback "  # joins the original source and the snapshot in manifest `data`
-
-
-class RetrainSettings(BaseSettings):
-    """Where the labels come from and the promotion gate: `HALFLABEL_*` environment variables."""
-
-    model_config = SettingsConfigDict(env_prefix="HALFLABEL_", extra="ignore")
-
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    queue_prefix: str = DEFAULT_PREFIX
-    snapshot_dir: Path = Path("data/feedback")
-    retrain_margin: float = Field(
-        0.0, ge=-1, le=1, description="Publish if candidate >= current accuracy - margin"
-    )
+from trainer.pipeline import run_pipeline
+from trainer.publish import Evaluation, evaluate_onnx, exported
 
 
 class SnapshotItem(BaseModel):
@@ -134,8 +106,6 @@ def take_snapshot(store: LabelStore, directory: Path) -> Snapshot:
 
 def with_feedback(base: Dataset, snapshot: Snapshot, name: str) -> tuple[Dataset, int]:
     """`base` plus the snapshot's labels of model `name`; returns it and how many were added."""
-    from trainer.data import ImageSet
-
     index = {label: i for i, label in enumerate(base.classes)}
     usable = [i for i in snapshot.items if i.model_name == name and i.label in index]
     if not usable:
@@ -149,7 +119,6 @@ def with_feedback(base: Dataset, snapshot: Snapshot, name: str) -> tuple[Dataset
     truth = base.unlabeled_truth
     dataset = replace(
         base,
-        source=f"{base.source}{FEEDBACK_MARK}{snapshot.path}",
         labeled=ImageSet(np.concatenate([base.labeled.images, images]),
                          np.concatenate([base.labeled.labels, labels])),
         unlabeled=base.unlabeled[still_unlabeled],
@@ -168,13 +137,18 @@ def original_data(
     progress: bool = True,
 ) -> Dataset:
     """The data `current` was first trained on (same source, budget and seed), in its input spec."""
-    from trainer.data import load_dataset
-
-    source = data or current.training.data.split(FEEDBACK_MARK)[0]
-    return load_dataset(source, labels_per_class=labels_per_class,
+    return load_dataset(data or current.training.data, labels_per_class=labels_per_class,
                         labeled_fraction=labeled_fraction,
                         seed=current.training.seed if seed is None else seed,
                         spec=current.input, progress=progress)
+
+
+def inherit(config: TrainConfig, parent: Manifest) -> TrainConfig:
+    """`config` with the parent's backbone and seed where neither a flag nor the environment
+    set them: its weights fit only its backbone, and its split follows its seed."""
+    inherited = {"backbone": parent.training.backbone, "seed": parent.training.seed}
+    return config.model_copy(update={key: value for key, value in inherited.items()
+                                     if key not in config.model_fields_set})
 
 
 def retrain(
@@ -190,9 +164,6 @@ def retrain(
 ) -> RetrainResult:
     """Snapshot the new labels, fine-tune the current version of `name` on `base` plus every
     snapshot label, and publish the candidate if it is not worse on `base`'s test split."""
-    from trainer.pipeline import run_pipeline
-    from trainer.publish import evaluate_onnx, export_and_publish
-
     current = repository.resolve(name)
     if base.classes != current.manifest.classes:
         raise DataError(f"{base.source} has classes {', '.join(base.classes)} but {name} predicts "
@@ -207,99 +178,13 @@ def retrain(
         raise DataError(f"no labels for {name!r} in the label store or {snapshot_dir}; "
                         "label some first, or pass --force to retrain anyway")
     trained = run_pipeline(dataset, config, init_weights=current.path / "weights.pt")
-    with tempfile.TemporaryDirectory(prefix="halflabel-candidate-") as scratch:
-        # Staged in a scratch repository (as its version 1) so it can be measured first.
-        candidate = export_and_publish(trained, ModelRepository(scratch), name,
-                                       feedback_count=feedback)
-        scores = [evaluate_onnx(a, test.images, test.labels) for a in (current, candidate)]
-        promote = force or scores[1].accuracy >= scores[0].accuracy - margin
-        published = (_publish_copy(candidate, repository, current.manifest.version)
-                     if promote else None)
-    return RetrainResult(snapshot, feedback, scores[0], scores[1], published)
-
-
-def retrain_command(
-    name: Annotated[str, typer.Option(help="model to retrain; its latest version is the parent")],
-    data: Annotated[str | None, typer.Option(
-        help="original data [default: the parent's]")] = None,
-    labels_per_class: Annotated[int | None, typer.Option(
-        min=1, help="original label budget, as given to fit [default: fit's]")] = None,
-    labeled_fraction: Annotated[float | None, typer.Option(min=0, max=1)] = None,
-    margin: Annotated[float | None, typer.Option(
-        min=-1, max=1, help="publish if candidate >= current accuracy - margin "
-        "[env HALFLABEL_RETRAIN_MARGIN, default 0]")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="publish even if worse; retrain even without new labels")] = False,
-    redis_url: Annotated[str | None, typer.Option(help="[env HALFLABEL_REDIS_URL]")] = None,
-    queue_prefix: Annotated[str | None, typer.Option(help="[env HALFLABEL_QUEUE_PREFIX]")] = None,
-    snapshot_dir: Annotated[Path | None, typer.Option(
-        help="label snapshots root [env HALFLABEL_SNAPSHOT_DIR, default data/feedback]")] = None,
-    model_dir: Annotated[Path | None, typer.Option(
-        envvar="HALFLABEL_MODEL_DIR", help="model repository root [default: models/store]")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of the original split")] = None,
-    supervised_steps: Annotated[int | None, typer.Option(min=0)] = None,
-    pseudo_steps: Annotated[int | None, typer.Option(min=0)] = None,
-    spreading: Annotated[bool | None, typer.Option("--spreading/--no-spreading")] = None,
-    device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda")] = None,
-    threads: Annotated[int | None, typer.Option(min=0, help="CPU threads (0: all)")] = None,
-    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
-) -> None:
-    """Fine-tune NAME on the new labels and publish it only if it is not worse."""
-    from trainer.cli import console, user_errors  # here: trainer.cli imports this module
-
-    flags = {key: value for key, value in locals().items()
-             if key in TrainConfig.model_fields and value is not None}
-    overrides = {"redis_url": redis_url, "queue_prefix": queue_prefix,
-                 "snapshot_dir": snapshot_dir, "retrain_margin": margin}
-    with user_errors():
-        settings = _settings(**{k: v for k, v in overrides.items() if v is not None})
-        repository = ModelRepository(model_dir or default_root())
-        parent = repository.resolve(name).manifest
-        config = TrainConfig(**{"backbone": parent.training.backbone, "seed": parent.training.seed,
-                                **flags})
-        base = original_data(parent, data=data, labels_per_class=labels_per_class,
-                             labeled_fraction=labeled_fraction, seed=config.seed,
-                             progress=config.progress)
-        store = LabelStore(redis.Redis.from_url(settings.redis_url), settings.queue_prefix)
-        try:
-            result = retrain(name, repository, store, settings.snapshot_dir / settings.queue_prefix,
-                             config, base, margin=settings.retrain_margin, force=force)
-        except redis.RedisError as exc:
-            raise DataError(f"cannot read labels from Redis at {settings.redis_url}: {exc}; "
-                            "check HALFLABEL_REDIS_URL (--redis-url)") from None
-    _report(console, name, parent.version, result, settings.retrain_margin)
-
-
-def _report(console: Console, name: str, parent: int, result: RetrainResult,
-            margin: float) -> None:
-    console.print(f"snapshot {result.snapshot.path} ({len(result.snapshot.items)} labels); "
-           f"{result.feedback} used for {name}")
-    console.print(f"held-out accuracy: current {name}:{parent} {result.current.accuracy:.2%}, "
-           f"candidate {result.candidate.accuracy:.2%} on {result.candidate.n} images")
-    if result.published is None:
-        console.print(f"kept {name}:{parent}: the candidate is worse by more than the margin "
-               f"({margin:.2%}); --force publishes anyway")
-    else:
-        published = result.published
-        console.print(f"published {name}:{published.manifest.version} to {published.path}")
-
-
-def _settings(**overrides: object) -> RetrainSettings:
-    try:
-        return RetrainSettings(**overrides)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise HalflabelError(f"bad retrain setting: {exc}".splitlines()[0]) from None
-
-
-def _publish_copy(staged: Artifact, repository: ModelRepository, parent: int) -> Artifact:
-    """Publish a staged candidate's files and manifest as the next version, child of `parent`."""
-    fields = staged.manifest.model_dump(include=set(ManifestDraft.model_fields))
-    draft = ManifestDraft.model_validate({**fields, "parent_version": parent})
-    onnx_files = {MODEL_FILE, FP16_MODEL_FILE, MANIFEST_FILE}
-    extra = {p.name: p for p in staged.path.iterdir() if p.name not in onnx_files}
-    return repository.publish(staged.manifest.name, staged.onnx_path, draft,
-                              fp16_onnx_file=staged.fp16_onnx_path, extra_files=extra)
+    with exported(trained, parent_version=current.manifest.version, feedback=feedback,
+                  feedback_snapshot=snapshot.path if feedback else None) as candidate:
+        # The candidate was evaluated on the test split as it was exported; the same for current.
+        now = evaluate_onnx(current, test.images, test.labels)
+        promote = force or candidate.evaluation.accuracy >= now.accuracy - margin
+        published = candidate.publish(repository, name) if promote else None
+    return RetrainResult(snapshot, feedback, now, candidate.evaluation, published)
 
 
 def _save_image(record: LabelRecord, directory: Path) -> SnapshotItem:

@@ -14,6 +14,7 @@ from trainer.augment import strong
 from trainer.config import TrainConfig
 from trainer.optimise import optimise, sample_batch
 from trainer.runtime import Runtime
+from trainer.stage import TrainingState
 
 PROJECTION_DIM = 128
 TEMPERATURE = 0.5
@@ -43,11 +44,26 @@ def nt_xent(embeddings: torch.Tensor, temperature: float = TEMPERATURE) -> torch
     return F.cross_entropy(similarity, partner)
 
 
+class SimCLRPretraining:
+    """Teaches an untrained backbone features from every training image, before any label."""
+
+    name = "simclr"
+
+    def steps(self, config: TrainConfig) -> int:
+        return config.pretrain.steps if config.weights == "none" else 0
+
+    def run(self, state: TrainingState, steps: int) -> dict[str, float]:
+        state.require_pool("SimCLR pretraining")
+        everything = torch.cat([state.images, state.pool])
+        return pretrain(state.classifier.backbone, state.classifier.feature_dim, everything,
+                        steps, state.config, state.runtime)
+
+
 def pretrain(
-    backbone: nn.Module, feature_dim: int, images: torch.Tensor, config: TrainConfig,
-    runtime: Runtime,
+    backbone: nn.Module, feature_dim: int, images: torch.Tensor, steps: int,
+    config: TrainConfig, runtime: Runtime,
 ) -> dict[str, float]:
-    """`config.pretrain_steps` SimCLR steps on `images`, updating `backbone` in place."""
+    """`steps` SimCLR steps on `images`, updating `backbone` in place."""
     model = _Contrastive(backbone, feature_dim).to(images.device)
     generator = runtime.generator("simclr")
     flip = config.horizontal_flip
@@ -57,6 +73,5 @@ def pretrain(
         return nt_xent(module(torch.cat([strong(batch, flip, generator),
                                          strong(batch, flip, generator)])))
 
-    losses = optimise(model, step_loss, config.pretrain_steps, config.learning_rate, runtime,
-                      "pretrain (SimCLR)")
+    losses = optimise(model, step_loss, steps, config.learning_rate, runtime, "pretrain (SimCLR)")
     return {"final_loss": losses[-1]}

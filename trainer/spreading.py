@@ -25,6 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from trainer.config import TrainConfig
+from trainer.optimise import predict
+from trainer.stage import TrainingState
+from trainer.supervised import train_on_pseudo_labels
 
 EMBEDDING_GAMMA = 3.0  # edge weight exponent over embeddings, as in Iscen et al.
 
@@ -74,3 +80,64 @@ def spread_labels(
     targets = (certainty[:, None] * np.eye(num_classes, dtype=np.float32)[assigned]
                + (1 - certainty[:, None]) / num_classes)
     return PseudoLabels(targets, assigned, certainty, balance[assigned])
+
+
+@dataclass(frozen=True)
+class LabelSpreadingRound:
+    """Round `index` of `rounds`: spread the labels over the pool, then train on them. Each
+    round spreads over the embeddings the previous one improved; the first may spread over
+    the pixels instead (`spreading.first_space`)."""
+
+    index: int
+    rounds: int
+
+    @property
+    def name(self) -> str:
+        return f"label-spreading-{self.index}"
+
+    def steps(self, config: TrainConfig) -> int:
+        """This round's share of the pseudo-label steps."""
+        total = config.pseudo.steps if config.spreading.enabled else 0
+        return total // self.rounds + (self.index <= total % self.rounds)
+
+    def run(self, state: TrainingState, steps: int) -> dict[str, float]:
+        state.require_pool("label spreading (--no-spreading to skip)")
+        on_inputs = self.index == 1 and _first_round_on_inputs(state)
+        labeled, pool = _features(state, on_inputs)
+        settings = state.config.spreading
+        pseudo = spread_labels(
+            labeled, state.labels.cpu().numpy(), pool, len(state.dataset.classes),
+            settings.neighbors, settings.alpha,
+            settings.pixel_gamma if on_inputs else EMBEDDING_GAMMA, settings.unreached_prior,
+        )
+        device = state.runtime.device
+        train_on_pseudo_labels(
+            state.classifier, state.images, state.labels, state.pool,
+            torch.as_tensor(pseudo.targets, device=device),
+            torch.as_tensor(pseudo.weights, device=device),
+            steps, state.config, state.runtime, f"pseudo-labels {self.index}/{self.rounds}",
+        )
+        state.pseudo = pseudo
+        details = {"mean_confidence": float(pseudo.confidence.mean()),
+                   "spread_on_inputs": float(on_inputs)}
+        if state.dataset.unlabeled_truth is not None:
+            details["pseudo_label_accuracy"] = float(
+                np.mean(pseudo.labels == state.dataset.unlabeled_truth))
+        return details
+
+
+def _first_round_on_inputs(state: TrainingState) -> bool:
+    space = state.config.spreading.first_space
+    if space == "auto":
+        return state.untrained and state.classifier.architecture.cifar_stem
+    return space == "inputs"
+
+
+def _features(state: TrainingState, on_inputs: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the labeled images and of the pool: centred pixels, or embeddings."""
+    if on_inputs:
+        pixels = torch.cat([state.images, state.pool]).flatten(1).cpu().numpy()
+        pixels = pixels - pixels.mean(axis=0)  # cosine similarity of centred pixels
+        return pixels[: len(state.images)], pixels[len(state.images):]
+    embed = state.classifier.embed
+    return predict(embed, state.images, state.runtime), predict(embed, state.pool, state.runtime)

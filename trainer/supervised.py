@@ -10,6 +10,21 @@ from trainer.augment import weak
 from trainer.config import TrainConfig
 from trainer.optimise import optimise, sample_batch
 from trainer.runtime import Runtime
+from trainer.stage import TrainingState
+
+
+class SupervisedFineTuning:
+    """Cross-entropy on the labeled images alone."""
+
+    name = "supervised"
+
+    def steps(self, config: TrainConfig) -> int:
+        return config.supervised.steps
+
+    def run(self, state: TrainingState, steps: int) -> dict[str, float]:
+        losses = train_on_labels(state.classifier, state.images, state.labels, steps,
+                                 state.config, state.runtime)
+        return {"final_loss": losses[-1]}
 
 
 def train_on_labels(
