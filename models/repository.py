@@ -44,11 +44,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def default_root() -> Path:
-    """`DEFAULT_ROOT`; kept for service.settings until it reads DEFAULT_ROOT itself."""
-    return DEFAULT_ROOT
-
-
 def parse_reference(reference: str) -> tuple[str, int | None]:
     """Split `name` or `name:version` (version may be `latest`)."""
     name, _, version = reference.partition(":")
