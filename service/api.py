@@ -64,6 +64,7 @@ async def predict(
     request: Request, state: State, top_k: TopK = None, version: Version = None
 ) -> PredictResponse:
     """Predict the served model's class for one image (raw body) or several (multipart, JSON)."""
+    state.predictor.admit(state.settings.model_name, version)
     images = await read_images(request)
     return await state.predictor.predict(state.settings.model_name, images, top_k, version)
 
@@ -73,6 +74,7 @@ async def predict_with(
     request: Request, state: State, name: str, top_k: TopK = None, version: Version = None
 ) -> PredictResponse:
     """Like /v1/predict, naming the model (404 when this service does not serve it)."""
+    state.predictor.admit(name, version)
     images = await read_images(request)
     return await state.predictor.predict(name, images, top_k, version)
 

@@ -115,7 +115,7 @@ async def infer(
     request: Request, state: State, name: str, version: str | None = None
 ) -> Response[bytes]:
     """Run the served model on one input tensor (batched with concurrent requests)."""
-    _served(state, name, version)  # 404 before reading the body
+    _served(state, name, version).batcher.check_room(1)  # 404 or 503 before reading the body
     body = await request.body()
     infer_request, [values] = await asyncio.to_thread(
         read_request, body, request.headers.get(HEADER_LENGTH)

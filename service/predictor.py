@@ -133,6 +133,10 @@ class Predictor:
 
         return await self.with_served(name, version, infer_with)
 
+    def admit(self, name: str, version: int | None) -> None:
+        """404 or 503 before a body is read: the model is not served, or its queue is full."""
+        self.host.serving(name, version).batcher.check_room(1)
+
     async def with_served(
         self, name: str, version: int | None, work: Callable[[ServedModel], Awaitable[T]]
     ) -> T:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -86,6 +87,32 @@ def test_full_queue_answers_503_with_retry_after(
     assert busy.headers["content-type"] == "application/problem+json"
     assert too_many.status_code == 413 and "send fewer" in too_many.json()["detail"]
     assert later.status_code == 200
+
+
+def test_a_full_queue_refuses_before_reading_the_body(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    env = tiny_env(model_repo, queue_prefix, max_queue_size="1", max_batch_size="8",
+                   max_queue_delay_ms="2000")
+    service = start_service(env, tmp_path / "service.log")
+    host, port = service.url.removeprefix("http://").split(":")
+    answers = []
+    try:
+        with service.client() as http, ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.post, "/v1/predict", content=grey_png(0), headers=PNG)
+            time.sleep(0.5)  # it holds the queue's one place for 2 s
+            for path in ("/v1/predict", "/v2/models/tiny/infer"):
+                with socket.create_connection((host, int(port)), timeout=1.5) as raw:
+                    # Headers announcing a body that never comes: only admission can answer.
+                    raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png"
+                                "\r\nContent-Length: 100000\r\n\r\n".encode())
+                    answers.append(raw.recv(4096).decode())
+            assert waiting.result().status_code == 200
+    finally:
+        stop_service(service)
+    for answer in answers:
+        assert answer.startswith("HTTP/1.1 503"), answer
+        assert "retry-after: 1" in answer.lower()
 
 
 def test_slow_request_times_out_with_504(
