@@ -15,6 +15,7 @@ from litestar.datastructures import State
 
 from models.errors import ModelNotFoundError
 from models.manifest import Manifest
+from service.disconnect import unless_client_leaves
 from service.errors import BadInputError
 from service.model_host import ModelHost, ServedModel
 from service.oip_body import (
@@ -132,7 +133,9 @@ async def infer(
         return model_inputs(values, tensor.datatype, spec)
 
     predictor: Predictor = state.predictor
-    inference = await predictor.infer(name, None if version is None else int(version), prepare)
+    inference = await unless_client_leaves(
+        request, predictor.infer(name, None if version is None else int(version), prepare)
+    )
     manifest, scored = inference.manifest, inference.scored
     outputs = {
         manifest.outputs.probabilities: np.stack([one.probabilities for one in scored]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -104,8 +105,7 @@ def test_a_full_queue_refuses_before_reading_the_body(
             for path in ("/v1/predict", "/v2/models/tiny/infer"):
                 with socket.create_connection((host, int(port)), timeout=1.5) as raw:
                     # Headers announcing a body that never comes: only admission can answer.
-                    raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png"
-                                "\r\nContent-Length: 100000\r\n\r\n".encode())
+                    raw.sendall(raw_post(path, "image/png", b"", length=100_000))
                     answers.append(raw.recv(4096).decode())
             assert waiting.result().status_code == 200
     finally:
@@ -113,6 +113,46 @@ def test_a_full_queue_refuses_before_reading_the_body(
     for answer in answers:
         assert answer.startswith("HTTP/1.1 503"), answer
         assert "retry-after: 1" in answer.lower()
+
+
+def test_inputs_of_a_client_that_left_are_never_run(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    # A lone input waits 1.5 s for its batch; its client leaves after 0.3 s.
+    env = tiny_env(model_repo, queue_prefix, max_batch_size="8", max_queue_delay_ms="1500")
+    service = start_service(env, tmp_path / "service.log")
+    host, port = service.url.removeprefix("http://").split(":")
+    tensor = json.dumps({"inputs": [
+        {"name": "image", "shape": [1, 4, 4], "datatype": "UINT8", "data": [0] * 16}
+    ]}).encode()
+    requests = [raw_post("/v1/predict", "image/png", grey_png(0)),
+                raw_post("/v2/models/tiny/infer", "application/json", tensor)]
+    try:
+        for request in requests:
+            with socket.create_connection((host, int(port)), timeout=5) as raw:
+                raw.sendall(request)
+                time.sleep(0.3)
+        time.sleep(2)  # past the batch delay: had the inputs stayed queued, they would have run
+        with service.client() as http:
+            metrics = http.get("/metrics").text
+    finally:
+        stop_service(service)
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                   if line and not line.startswith("#"))
+    assert 'halflabel_predictions_total{model="tiny"}' not in samples
+    assert float(samples.get('halflabel_batch_size_count{model="tiny"}', 0)) == 0
+    for template in ("/v1/predict", "/v2/models/{name}/infer"):
+        gone = ('halflabel_requests_total{app_name="halflabel",method="POST",'
+                f'path="{template}",status_code="499"}}')
+        assert float(samples[gone]) == 1
+    assert float(samples["halflabel_inference_queue_depth"]) == 0
+
+
+def raw_post(path: str, content_type: str, body: bytes, length: int | None = None) -> bytes:
+    """An HTTP/1.1 POST as bytes, for sockets; `length` may announce more body than is sent."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n")
+    return head.encode() + body
 
 
 def test_slow_request_times_out_with_504(
