@@ -122,6 +122,7 @@ async def infer(
         read_request, body, request.headers.get(HEADER_LENGTH)
     )
     [tensor] = infer_request.inputs
+    predictor: Predictor = state.predictor
 
     def prepare(served: ServedModel) -> list[ModelInput]:
         spec = served.manifest.input
@@ -130,9 +131,9 @@ async def infer(
                 f"unknown input {tensor.name!r}: this model's input is {spec.input_name!r}"
             )
         _wanted(infer_request, served.manifest)
-        return model_inputs(values, tensor.datatype, spec)
+        with predictor.pixels.reserve(values.size):
+            return model_inputs(values, tensor.datatype, spec)
 
-    predictor: Predictor = state.predictor
     inference = await unless_client_leaves(
         request, predictor.infer(name, None if version is None else int(version), prepare)
     )

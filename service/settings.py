@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     allow_open: bool = Field(default=False, description="Listen beyond loopback without API keys")
     max_body_bytes: int = Field(default=10_000_000, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_pixels_in_flight: int = Field(
+        default=50_000_000, ge=1, description="Pixels decoded at once across requests; more → 503"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

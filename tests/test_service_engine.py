@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
 import socket
@@ -25,6 +26,7 @@ from conftest import (
     tiny_env,
     tiny_onnx_model,
 )
+from PIL import Image
 
 from models.repository import MODEL_FILE, ModelRepository
 from service.batching import DynamicBatcher
@@ -153,6 +155,35 @@ def raw_post(path: str, content_type: str, body: bytes, length: int | None = Non
     head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body) if length is None else length}\r\n\r\n")
     return head.encode() + body
+
+
+def test_decoding_beyond_the_pixels_in_flight_is_refused_at_once(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    # A 9000x9000 image takes about a second to decode; a small one sent meanwhile is refused.
+    env = tiny_env(model_repo, queue_prefix, max_pixels="100000000",
+                   max_pixels_in_flight="1000000")
+    service = start_service(env, tmp_path / "service.log")
+    big = io.BytesIO()
+    Image.new("L", (9000, 9000), 0).save(big, format="PNG")
+    refused = []
+    try:
+        with service.client() as http, ThreadPoolExecutor(1) as pool:
+            decoding = pool.submit(http.post, "/v1/predict", content=big.getvalue(), headers=PNG)
+            while not decoding.done() and not refused:
+                response = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+                if response.status_code == 503:
+                    refused.append(response)
+            assert decoding.result().status_code == 200
+            after = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+            metrics = http.get("/metrics").text
+    finally:
+        stop_service(service)
+    [busy] = refused
+    assert busy.headers["retry-after"] == "1"
+    assert "HALFLABEL_MAX_PIXELS_IN_FLIGHT" in busy.json()["detail"]
+    assert after.status_code == 200
+    assert "halflabel_decodes_refused_total 1.0" in metrics
 
 
 def test_slow_request_times_out_with_504(
