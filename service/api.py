@@ -18,6 +18,7 @@ from litestar.openapi.spec import (
 )
 from litestar.params import Parameter
 
+from service.disconnect import unless_client_leaves
 from service.inputs import IMAGE_TYPES, read_images
 from service.schemas import PredictResponse
 from service.security import requires_scope
@@ -64,8 +65,12 @@ async def predict(
     request: Request, state: State, top_k: TopK = None, version: Version = None
 ) -> PredictResponse:
     """Predict the served model's class for one image (raw body) or several (multipart, JSON)."""
+    name = state.settings.model_name
+    state.predictor.admit(name, version)
     images = await read_images(request)
-    return await state.predictor.predict(state.settings.model_name, images, top_k, version)
+    return await unless_client_leaves(
+        request, state.predictor.predict(name, images, top_k, version)
+    )
 
 
 @post("/models/{name:str}/predict", status_code=200, operation_class=PredictOperation)
@@ -73,8 +78,11 @@ async def predict_with(
     request: Request, state: State, name: str, top_k: TopK = None, version: Version = None
 ) -> PredictResponse:
     """Like /v1/predict, naming the model (404 when this service does not serve it)."""
+    state.predictor.admit(name, version)
     images = await read_images(request)
-    return await state.predictor.predict(name, images, top_k, version)
+    return await unless_client_leaves(
+        request, state.predictor.predict(name, images, top_k, version)
+    )
 
 
 v1_router = Router(

@@ -58,18 +58,23 @@ class DynamicBatcher:
         """Start the worker on the running event loop."""
         self._worker = asyncio.create_task(self._work())
 
-    async def infer(self, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
-        """Probabilities and entropy for each input array, batched with everyone else's."""
+    def check_room(self, count: int) -> None:
+        """Refuse now (503, 413) if `count` more inputs do not fit; cheap, so routes call it
+        before reading and decoding a body."""
         if self._closed:
             raise BatcherClosedError("model was replaced; retry")
-        if len(arrays) > self.max_queue_size:
+        if count > self.max_queue_size:
             raise TooManyInputsError(
-                f"{len(arrays)} images in one request, over the queue's {self.max_queue_size}; "
+                f"{count} images in one request, over the queue's {self.max_queue_size}; "
                 "send fewer per request"
             )
-        if self._admitted + len(arrays) > self.max_queue_size:
-            metrics.REJECTED_INPUTS.inc(len(arrays))
+        if self._admitted + count > self.max_queue_size:
+            metrics.REJECTED_INPUTS.inc(count)
             raise ServerBusyError("the inference queue is full; retry after a short wait")
+
+    async def infer(self, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Probabilities and entropy for each input array, batched with everyone else's."""
+        self.check_room(len(arrays))
         loop = asyncio.get_running_loop()
         pending = [_Pending(array, loop.create_future()) for array in arrays]
         for item in pending:

@@ -29,6 +29,10 @@ class RequestTimeoutError(HalflabelError):
     """A request took longer than the configured timeout (504)."""
 
 
+class ClientGoneError(HalflabelError):
+    """The client disconnected before its answer; its work was dropped (499, never sent)."""
+
+
 class DeviceUnavailableError(HalflabelError):
     """A GPU was asked for but ONNX Runtime cannot use one (at start-up)."""
 

@@ -34,6 +34,10 @@ INFERENCE_QUEUE_DEPTH = Gauge(
 REJECTED_INPUTS = Counter(
     "halflabel_rejected_inputs", "Inputs refused with 503 because the batching queue was full"
 )
+DECODES_REFUSED = Counter(
+    "halflabel_decodes_refused",
+    "Requests refused with 503 because HALFLABEL_MAX_PIXELS_IN_FLIGHT were being decoded",
+)
 PREDICTIONS = Counter("halflabel_predictions", "Predictions made", ["model"])
 LOW_CONFIDENCE = Counter(
     "halflabel_low_confidence_predictions",

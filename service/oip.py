@@ -15,6 +15,7 @@ from litestar.datastructures import State
 
 from models.errors import ModelNotFoundError
 from models.manifest import Manifest
+from service.disconnect import unless_client_leaves
 from service.errors import BadInputError
 from service.model_host import ModelHost, ServedModel
 from service.oip_body import (
@@ -115,12 +116,13 @@ async def infer(
     request: Request, state: State, name: str, version: str | None = None
 ) -> Response[bytes]:
     """Run the served model on one input tensor (batched with concurrent requests)."""
-    _served(state, name, version)  # 404 before reading the body
+    _served(state, name, version).batcher.check_room(1)  # 404 or 503 before reading the body
     body = await request.body()
     infer_request, [values] = await asyncio.to_thread(
         read_request, body, request.headers.get(HEADER_LENGTH)
     )
     [tensor] = infer_request.inputs
+    predictor: Predictor = state.predictor
 
     def prepare(served: ServedModel) -> list[ModelInput]:
         spec = served.manifest.input
@@ -129,10 +131,12 @@ async def infer(
                 f"unknown input {tensor.name!r}: this model's input is {spec.input_name!r}"
             )
         _wanted(infer_request, served.manifest)
-        return model_inputs(values, tensor.datatype, spec)
+        with predictor.pixels.reserve(values.size):
+            return model_inputs(values, tensor.datatype, spec)
 
-    predictor: Predictor = state.predictor
-    inference = await predictor.infer(name, None if version is None else int(version), prepare)
+    inference = await unless_client_leaves(
+        request, predictor.infer(name, None if version is None else int(version), prepare)
+    )
     manifest, scored = inference.manifest, inference.scored
     outputs = {
         manifest.outputs.probabilities: np.stack([one.probabilities for one in scored]),

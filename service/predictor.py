@@ -17,6 +17,7 @@ from models.manifest import InputSpec, Manifest
 from models.preprocessing import decode_image, image_to_array
 from models.queue import Guess, TaskRecord
 from service import metrics
+from service.admission import PixelBudget, image_pixels
 from service.errors import BatcherClosedError, RequestTimeoutError
 from service.model_host import ModelHost, ServedModel
 from service.queue_pusher import QueuePusher
@@ -97,6 +98,7 @@ class Predictor:
         self.settings = settings
         self.host = host
         self.pusher = pusher
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)
 
     async def predict(
         self, name: str, images: list[bytes], top_k: int | None = None, version: int | None = None
@@ -105,11 +107,12 @@ class Predictor:
 
         def decode(served: ServedModel) -> list[ModelInput]:
             inputs = []
-            for data in images:
-                array, content_type = decode_for_model(
-                    data, served.manifest.input, self.settings.max_pixels
-                )
-                inputs.append(ModelInput(array, ImageFile(data, content_type)))
+            with self.pixels.reserve(sum(map(image_pixels, images))):
+                for data in images:
+                    array, content_type = decode_for_model(
+                        data, served.manifest.input, self.settings.max_pixels
+                    )
+                    inputs.append(ModelInput(array, ImageFile(data, content_type)))
             return inputs
 
         inference = await self.infer(name, version, decode)
@@ -132,6 +135,10 @@ class Predictor:
             return Inference(manifest, scored)
 
         return await self.with_served(name, version, infer_with)
+
+    def admit(self, name: str, version: int | None) -> None:
+        """404 or 503 before a body is read: the model is not served, or its queue is full."""
+        self.host.serving(name, version).batcher.check_room(1)
 
     async def with_served(
         self, name: str, version: int | None, work: Callable[[ServedModel], Awaitable[T]]

@@ -15,11 +15,13 @@ from models.errors import HalflabelError, InvalidImageError, ModelNotFoundError,
 from service.errors import (
     BadInputError,
     BatcherClosedError,
+    ClientGoneError,
     RequestTimeoutError,
     ServerBusyError,
     TooManyInputsError,
     UnsupportedMediaTypeError,
 )
+from service.metrics import CLIENT_CLOSED_REQUEST
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_S = "1"
 OIP_PREFIX = "/v2"
 
-STATUS_OF: dict[type[HalflabelError], HTTPStatus] = {
+STATUS_OF: dict[type[HalflabelError], int] = {
     BadInputError: HTTPStatus.BAD_REQUEST,
     ModelNotFoundError: HTTPStatus.NOT_FOUND,
     TooManyInputsError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -37,6 +39,7 @@ STATUS_OF: dict[type[HalflabelError], HTTPStatus] = {
     ServerBusyError: HTTPStatus.SERVICE_UNAVAILABLE,
     BatcherClosedError: HTTPStatus.SERVICE_UNAVAILABLE,
     RequestTimeoutError: HTTPStatus.GATEWAY_TIMEOUT,
+    ClientGoneError: CLIENT_CLOSED_REQUEST,
 }
 """Each error kind's HTTP status; kinds not here (start-up errors) would be a 500."""
 
@@ -45,7 +48,9 @@ def problem(
     status: int, detail: str, headers: dict[str, str] | None = None
 ) -> Response[dict[str, object]]:
     """A problem+json response."""
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
+    closed = status == CLIENT_CLOSED_REQUEST  # nginx's code, not in HTTPStatus
+    title = "Client Closed Request" if closed else HTTPStatus(status).phrase
+    body = {"type": "about:blank", "title": title, "status": status}
     return Response(
         {**body, "detail": detail}, status_code=status, media_type=PROBLEM_JSON, headers=headers
     )

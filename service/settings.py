@@ -120,6 +120,9 @@ class Settings(BaseSettings):
         description="Port serving /metrics without a key (for Prometheus); 0: none, /metrics "
         "stays on the main port behind the admin scope",
     )
+    max_pixels_in_flight: int = Field(
+        default=50_000_000, ge=1, description="Pixels decoded at once across requests; more → 503"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +26,7 @@ from conftest import (
     tiny_env,
     tiny_onnx_model,
 )
+from PIL import Image
 
 from models.repository import MODEL_FILE, ModelRepository
 from service.batching import DynamicBatcher
@@ -86,6 +90,100 @@ def test_full_queue_answers_503_with_retry_after(
     assert busy.headers["content-type"] == "application/problem+json"
     assert too_many.status_code == 413 and "send fewer" in too_many.json()["detail"]
     assert later.status_code == 200
+
+
+def test_a_full_queue_refuses_before_reading_the_body(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    env = tiny_env(model_repo, queue_prefix, max_queue_size="1", max_batch_size="8",
+                   max_queue_delay_ms="2000")
+    service = start_service(env, tmp_path / "service.log")
+    host, port = service.url.removeprefix("http://").split(":")
+    answers = []
+    try:
+        with service.client() as http, ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.post, "/v1/predict", content=grey_png(0), headers=PNG)
+            time.sleep(0.5)  # it holds the queue's one place for 2 s
+            for path in ("/v1/predict", "/v2/models/tiny/infer"):
+                with socket.create_connection((host, int(port)), timeout=1.5) as raw:
+                    # Headers announcing a body that never comes: only admission can answer.
+                    raw.sendall(raw_post(path, "image/png", b"", length=100_000))
+                    answers.append(raw.recv(4096).decode())
+            assert waiting.result().status_code == 200
+    finally:
+        stop_service(service)
+    for answer in answers:
+        assert answer.startswith("HTTP/1.1 503"), answer
+        assert "retry-after: 1" in answer.lower()
+
+
+def test_inputs_of_a_client_that_left_are_never_run(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    # A lone input waits 1.5 s for its batch; its client leaves after 0.3 s.
+    env = tiny_env(model_repo, queue_prefix, max_batch_size="8", max_queue_delay_ms="1500")
+    service = start_service(env, tmp_path / "service.log")
+    host, port = service.url.removeprefix("http://").split(":")
+    tensor = json.dumps({"inputs": [
+        {"name": "image", "shape": [1, 4, 4], "datatype": "UINT8", "data": [0] * 16}
+    ]}).encode()
+    requests = [raw_post("/v1/predict", "image/png", grey_png(0)),
+                raw_post("/v2/models/tiny/infer", "application/json", tensor)]
+    try:
+        for request in requests:
+            with socket.create_connection((host, int(port)), timeout=5) as raw:
+                raw.sendall(request)
+                time.sleep(0.3)
+        time.sleep(2)  # past the batch delay: had the inputs stayed queued, they would have run
+        with service.client() as http:
+            metrics = http.get("/metrics").text
+    finally:
+        stop_service(service)
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                   if line and not line.startswith("#"))
+    assert 'halflabel_predictions_total{model="tiny"}' not in samples
+    assert float(samples.get('halflabel_batch_size_count{model="tiny"}', 0)) == 0
+    for template in ("/v1/predict", "/v2/models/{name}/infer"):
+        gone = ('halflabel_requests_total{app_name="halflabel",method="POST",'
+                f'path="{template}",status_code="499"}}')
+        assert float(samples[gone]) == 1
+    assert float(samples["halflabel_inference_queue_depth"]) == 0
+
+
+def raw_post(path: str, content_type: str, body: bytes, length: int | None = None) -> bytes:
+    """An HTTP/1.1 POST as bytes, for sockets; `length` may announce more body than is sent."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n")
+    return head.encode() + body
+
+
+def test_decoding_beyond_the_pixels_in_flight_is_refused_at_once(
+    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path
+) -> None:
+    # A 9000x9000 image takes about a second to decode; a small one sent meanwhile is refused.
+    env = tiny_env(model_repo, queue_prefix, max_pixels="100000000",
+                   max_pixels_in_flight="1000000")
+    service = start_service(env, tmp_path / "service.log")
+    big = io.BytesIO()
+    Image.new("L", (9000, 9000), 0).save(big, format="PNG")
+    refused = []
+    try:
+        with service.client() as http, ThreadPoolExecutor(1) as pool:
+            decoding = pool.submit(http.post, "/v1/predict", content=big.getvalue(), headers=PNG)
+            while not decoding.done() and not refused:
+                response = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+                if response.status_code == 503:
+                    refused.append(response)
+            assert decoding.result().status_code == 200
+            after = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+            metrics = http.get("/metrics").text
+    finally:
+        stop_service(service)
+    [busy] = refused
+    assert busy.headers["retry-after"] == "1"
+    assert "HALFLABEL_MAX_PIXELS_IN_FLIGHT" in busy.json()["detail"]
+    assert after.status_code == 200
+    assert "halflabel_decodes_refused_total 1.0" in metrics
 
 
 def test_slow_request_times_out_with_504(
