@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from serving import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "docs" / "example-digit.png"
+EXAMPLE = ROOT / "docs" / "example-digit.png"
 TIMED_OUT, CONNECTION_ERROR = 0, -1  # pseudo status codes of requests that got no answer
 console = Console(width=150)
 app = typer.Typer(add_completion=False)
@@ -76,13 +77,13 @@ class Saturation:
     mean_batch: float = 0.0
 
 
-def saturate(url: str, pid: int, connections: int, seconds: float,
+def saturate(url: str, pid: int, image: Path, connections: int, seconds: float,
              metrics_url: str | None = None) -> Saturation:
     """wrk at `connections` for `seconds`, with the server's CPU and (if it has metrics) the
     mean batch size it formed."""
     before = httpx.get(metrics_url).text if metrics_url else ""
     cpu = cpu_seconds(pid)
-    rate, failures, loadgen = wrk(url, IMAGE, "image/png", connections, seconds)
+    rate, failures, loadgen = wrk(url, image, "image/png", connections, seconds)
     cores = (cpu_seconds(pid) - cpu) / seconds
     figures = Saturation(rate, failures, cores, loadgen, 1000 * cores / rate)
     if metrics_url:
@@ -150,10 +151,11 @@ async def _overload(port: int, request: bytes, load: Overload, timeout_s: float)
     await asyncio.gather(*(client() for _ in range(load.connections)))
 
 
-def overload(url: str, connections: int, seconds: float, timeout_s: float) -> Overload:
+def overload(url: str, image: Path, connections: int, seconds: float, timeout_s: float
+             ) -> Overload:
     """`connections` clients sending one PNG per request as fast as answers come back."""
     port = int(url.split(":")[2].split("/")[0])
-    body = IMAGE.read_bytes()
+    body = image.read_bytes()
     request = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     metrics_url = url.replace("/v1/predict", "/metrics")
@@ -172,7 +174,7 @@ def overload(url: str, connections: int, seconds: float, timeout_s: float) -> Ov
 def raw_cpu(artifact: Artifact, threads: int, batch: int, seconds: float) -> tuple[float, float]:
     """Raw ONNX Runtime images/s and CPU ms per image at `batch`."""
     cpu = time.process_time()
-    rate = raw_throughput(artifact, IMAGE.read_bytes(), threads, [batch], seconds)[batch]
+    rate = raw_throughput(artifact, EXAMPLE.read_bytes(), threads, [batch], seconds)[batch]
     return rate, 1000 * (time.process_time() - cpu) / (rate * seconds)
 
 
@@ -239,14 +241,19 @@ def main(
     raw = {batch: raw_cpu(artifact, threads, batch, seconds / 2) for batch in (1, max_batch)}
     port = free_port()
     command = [sys.executable, str(ROOT / "benchmarks" / "bare_litestar.py"), str(port)]
-    with running(command, {}, f"http://127.0.0.1:{port}/") as pid:
-        console.print("bare Litestar endpoint at saturation")
-        bare = saturate(f"http://127.0.0.1:{port}/", pid, connections, seconds)
-    with start_service(artifact, threads, max_batch) as (url, pid):
-        console.print("service at saturation")
-        service = saturate(url, pid, connections, seconds, url.replace("/v1/predict", "/metrics"))
-        console.print(f"service at {overload_factor}x overload")
-        load = overload(url, connections * overload_factor, overload_seconds, client_timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / EXAMPLE.name  # wrk writes its script beside the body
+        image.write_bytes(EXAMPLE.read_bytes())
+        with running(command, {}, f"http://127.0.0.1:{port}/") as bare_pid:
+            console.print("bare Litestar endpoint at saturation")
+            bare = saturate(f"http://127.0.0.1:{port}/", bare_pid, image, connections, seconds)
+        with start_service(artifact, threads, max_batch) as (url, pid):
+            console.print("service at saturation")
+            service = saturate(url, pid, image, connections, seconds,
+                               url.replace("/v1/predict", "/metrics"))
+            console.print(f"service at {overload_factor}x overload")
+            load = overload(url, image, connections * overload_factor, overload_seconds,
+                            client_timeout)
     report(raw, bare, service, load, client_timeout)
 
 
