@@ -39,14 +39,21 @@ def _paths(suffix: str = "") -> list[str]:
     return [f"{model}{suffix}", f"{model}/versions/{{version:str}}{suffix}"]
 
 
-def _served(state: State, name: str, version: str | None) -> ServedModel:
-    """The served model if it is `name` at `version` (when given), else ModelNotFoundError."""
-    host: ModelHost = state.model_host
-    if version is not None and not version.isdigit():
+def _version(name: str, version: str | None) -> int | None:
+    """A route's version segment as a number; ModelNotFoundError when it is not one."""
+    if version is None:
+        return None
+    if not version.isdigit():
         raise ModelNotFoundError(
             f"version {version!r} of {name!r} is not served; versions are integers"
         )
-    return host.serving(name, None if version is None else int(version))
+    return int(version)
+
+
+def _served(state: State, name: str, version: str | None) -> ServedModel:
+    """The served model if it is `name` at `version` (when given), else ModelNotFoundError."""
+    host: ModelHost = state.model_host
+    return host.serving(name, _version(name, version))
 
 
 @get("/")
@@ -116,13 +123,14 @@ async def infer(
     request: Request, state: State, name: str, version: str | None = None
 ) -> Response[bytes]:
     """Run the served model on one input tensor (batched with concurrent requests)."""
-    _served(state, name, version).batcher.check_room(1)  # 404 or 503 before reading the body
+    predictor: Predictor = state.predictor
+    number = _version(name, version)
+    predictor.admit(name, number)
     body = await request.body()
     infer_request, [values] = await asyncio.to_thread(
         read_request, body, request.headers.get(HEADER_LENGTH)
     )
     [tensor] = infer_request.inputs
-    predictor: Predictor = state.predictor
 
     def prepare(served: ServedModel) -> list[ModelInput]:
         spec = served.manifest.input
@@ -135,7 +143,7 @@ async def infer(
             return model_inputs(values, tensor.datatype, spec)
 
     inference = await unless_client_leaves(
-        request, predictor.infer(name, None if version is None else int(version), prepare)
+        request, predictor.infer(name, number, prepare)
     )
     manifest, scored = inference.manifest, inference.scored
     outputs = {
