@@ -16,10 +16,11 @@ from litestar.datastructures import State
 from models.errors import ModelNotFoundError
 from models.manifest import Manifest
 from service.disconnect import unless_client_leaves
-from service.errors import BadInputError
+from service.errors import BadInputError, UnsupportedMediaTypeError
 from service.model_host import ModelHost, ServedModel
 from service.oip_body import (
     HEADER_LENGTH,
+    InferOperation,
     InferRequest,
     RequestedOutput,
     encode_response,
@@ -118,7 +119,12 @@ async def model_ready(state: State, name: str, version: str | None = None) -> di
     return {"name": name, "ready": True}
 
 
-@post(_paths("/infer"), status_code=200, guards=[requires_scope("predict")])
+@post(
+    _paths("/infer"),
+    status_code=200,
+    guards=[requires_scope("predict")],
+    operation_class=InferOperation,
+)
 async def infer(
     request: Request, state: State, name: str, version: str | None = None
 ) -> Response[bytes]:
@@ -126,6 +132,11 @@ async def infer(
     predictor: Predictor = state.predictor
     number = _version(name, version)
     predictor.admit(name, number)
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {request.headers['content-encoding']!r} is not supported; "
+            "send the body uncompressed"
+        )
     body = await request.body()
     infer_request, [values] = await asyncio.to_thread(
         read_request, body, request.headers.get(HEADER_LENGTH)

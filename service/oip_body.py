@@ -9,11 +9,20 @@ the request parameter `binary_data_output`) come back the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
 import numpy as np
 from litestar import Response
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from pydantic import BaseModel, Field, ValidationError
 
 from service.errors import BadInputError
@@ -47,6 +56,56 @@ class InferRequest(BaseModel):
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
     outputs: list[RequestedOutput] | None = None
     parameters: _Parameters = _Parameters()
+
+
+_OBJECT = Schema(type=OpenAPIType.OBJECT)
+_INPUT = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["name", "shape", "datatype"],
+    properties={
+        "name": Schema(type=OpenAPIType.STRING),
+        "shape": Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER)),
+        "datatype": Schema(type=OpenAPIType.STRING, enum=["FP32", "UINT8"]),
+        "data": Schema(type=OpenAPIType.ARRAY, description="Flat or nested, row-major"),
+        "parameters": _OBJECT,
+    },
+)
+_REQUEST = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["inputs"],
+    properties={
+        "id": Schema(type=OpenAPIType.STRING),
+        "inputs": Schema(type=OpenAPIType.ARRAY, items=_INPUT, min_items=1, max_items=1),
+        "outputs": Schema(
+            type=OpenAPIType.ARRAY,
+            items=Schema(
+                type=OpenAPIType.OBJECT,
+                required=["name"],
+                properties={"name": Schema(type=OpenAPIType.STRING), "parameters": _OBJECT},
+            ),
+        ),
+        "parameters": _OBJECT,
+    },
+)
+
+
+@dataclass
+class InferOperation(Operation):
+    """Documents the infer body, which the handler reads itself (JSON, or JSON + binary)."""
+
+    def __post_init__(self) -> None:
+        binary = Schema(
+            type=OpenAPIType.STRING,
+            format=OpenAPIFormat.BINARY,
+            description=f"The JSON request ({HEADER_LENGTH} bytes), then binary tensor data",
+        )
+        self.request_body = RequestBody(
+            required=True,
+            content={
+                "application/json": OpenAPIMediaType(schema=_REQUEST),
+                "application/octet-stream": OpenAPIMediaType(schema=binary),
+            },
+        )
 
 
 def read_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[np.ndarray]]:
