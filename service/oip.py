@@ -27,7 +27,7 @@ from service.oip_body import (
     read_request,
     wants_binary,
 )
-from service.predictor import ModelInput, Predictor
+from service.predictor import Inference, ModelInput, Predictor
 from service.security import requires_scope
 from service.tensors import model_inputs
 
@@ -153,22 +153,24 @@ async def infer(
         with predictor.pixels.reserve(values.size):
             return model_inputs(values, tensor.datatype, spec)
 
-    inference = await unless_client_leaves(
-        request, predictor.infer(name, number, prepare)
-    )
+    inference = await unless_client_leaves(request, predictor.infer(name, number, prepare))
+    return _answer(infer_request, inference)
+
+
+def _answer(request: InferRequest, inference: Inference) -> Response[bytes]:
     manifest, scored = inference.manifest, inference.scored
     outputs = {
         manifest.outputs.probabilities: np.stack([one.probabilities for one in scored]),
         manifest.outputs.entropy: np.asarray([one.entropy for one in scored], np.float32),
     }
     head = {"model_name": manifest.name, "model_version": str(manifest.version)}
-    if infer_request.id is not None:
-        head["id"] = infer_request.id
+    if request.id is not None:
+        head["id"] = request.id
     return encode_response(
         head,
         [
-            (output_name, outputs[output_name], wants_binary(infer_request, requested))
-            for output_name, requested in _wanted(infer_request, manifest)
+            (output_name, outputs[output_name], wants_binary(request, requested))
+            for output_name, requested in _wanted(request, manifest)
         ],
     )
 
