@@ -33,6 +33,8 @@ Datatype = Literal["FP32", "UINT8"]
 
 
 class _Parameters(BaseModel):
+    """The binary extension's parameters of inputs, outputs and the request; others ignored."""
+
     binary_data_size: int | None = Field(default=None, ge=0)
     binary_data: bool | None = None
     binary_data_output: bool = False
@@ -58,42 +60,16 @@ class InferRequest(BaseModel):
     parameters: _Parameters = _Parameters()
 
 
-_OBJECT = Schema(type=OpenAPIType.OBJECT)
-_INPUT = Schema(
-    type=OpenAPIType.OBJECT,
-    required=["name", "shape", "datatype"],
-    properties={
-        "name": Schema(type=OpenAPIType.STRING),
-        "shape": Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER)),
-        "datatype": Schema(type=OpenAPIType.STRING, enum=["FP32", "UINT8"]),
-        "data": Schema(type=OpenAPIType.ARRAY, description="Flat or nested, row-major"),
-        "parameters": _OBJECT,
-    },
-)
-_REQUEST = Schema(
-    type=OpenAPIType.OBJECT,
-    required=["inputs"],
-    properties={
-        "id": Schema(type=OpenAPIType.STRING),
-        "inputs": Schema(type=OpenAPIType.ARRAY, items=_INPUT, min_items=1, max_items=1),
-        "outputs": Schema(
-            type=OpenAPIType.ARRAY,
-            items=Schema(
-                type=OpenAPIType.OBJECT,
-                required=["name"],
-                properties={"name": Schema(type=OpenAPIType.STRING), "parameters": _OBJECT},
-            ),
-        ),
-        "parameters": _OBJECT,
-    },
-)
-
-
 @dataclass
 class InferOperation(Operation):
-    """Documents the infer body, which the handler reads itself (JSON, or JSON + binary)."""
+    """Documents the infer body's two forms, which the handler reads itself."""
 
     def __post_init__(self) -> None:
+        request = Schema(
+            type=OpenAPIType.OBJECT,
+            required=["inputs"],
+            description="An Open Inference Protocol v2 inference request (see docs/api.md)",
+        )
         binary = Schema(
             type=OpenAPIType.STRING,
             format=OpenAPIFormat.BINARY,
@@ -102,7 +78,7 @@ class InferOperation(Operation):
         self.request_body = RequestBody(
             required=True,
             content={
-                "application/json": OpenAPIMediaType(schema=_REQUEST),
+                "application/json": OpenAPIMediaType(schema=request),
                 "application/octet-stream": OpenAPIMediaType(schema=binary),
             },
         )
