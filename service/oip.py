@@ -16,17 +16,18 @@ from litestar.datastructures import State
 from models.errors import ModelNotFoundError
 from models.manifest import Manifest
 from service.disconnect import unless_client_leaves
-from service.errors import BadInputError
+from service.errors import BadInputError, UnsupportedMediaTypeError
 from service.model_host import ModelHost, ServedModel
 from service.oip_body import (
     HEADER_LENGTH,
+    InferOperation,
     InferRequest,
     RequestedOutput,
     encode_response,
     read_request,
     wants_binary,
 )
-from service.predictor import ModelInput, Predictor
+from service.predictor import Inference, ModelInput, Predictor
 from service.security import requires_scope
 from service.tensors import model_inputs
 
@@ -39,14 +40,21 @@ def _paths(suffix: str = "") -> list[str]:
     return [f"{model}{suffix}", f"{model}/versions/{{version:str}}{suffix}"]
 
 
-def _served(state: State, name: str, version: str | None) -> ServedModel:
-    """The served model if it is `name` at `version` (when given), else ModelNotFoundError."""
-    host: ModelHost = state.model_host
-    if version is not None and not version.isdigit():
+def _version(name: str, version: str | None) -> int | None:
+    """A route's version segment as a number; ModelNotFoundError when it is not one."""
+    if version is None:
+        return None
+    if not version.isdigit():
         raise ModelNotFoundError(
             f"version {version!r} of {name!r} is not served; versions are integers"
         )
-    return host.serving(name, None if version is None else int(version))
+    return int(version)
+
+
+def _served(state: State, name: str, version: str | None) -> ServedModel:
+    """The served model if it is `name` at `version` (when given), else ModelNotFoundError."""
+    host: ModelHost = state.model_host
+    return host.serving(name, _version(name, version))
 
 
 @get("/")
@@ -111,18 +119,29 @@ async def model_ready(state: State, name: str, version: str | None = None) -> di
     return {"name": name, "ready": True}
 
 
-@post(_paths("/infer"), status_code=200, guards=[requires_scope("predict")])
+@post(
+    _paths("/infer"),
+    status_code=200,
+    guards=[requires_scope("predict")],
+    operation_class=InferOperation,
+)
 async def infer(
     request: Request, state: State, name: str, version: str | None = None
 ) -> Response[bytes]:
     """Run the served model on one input tensor (batched with concurrent requests)."""
-    _served(state, name, version).batcher.check_room(1)  # 404 or 503 before reading the body
+    predictor: Predictor = state.predictor
+    number = _version(name, version)
+    predictor.admit(name, number)
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {request.headers['content-encoding']!r} is not supported; "
+            "send the body uncompressed"
+        )
     body = await request.body()
     infer_request, [values] = await asyncio.to_thread(
         read_request, body, request.headers.get(HEADER_LENGTH)
     )
     [tensor] = infer_request.inputs
-    predictor: Predictor = state.predictor
 
     def prepare(served: ServedModel) -> list[ModelInput]:
         spec = served.manifest.input
@@ -134,22 +153,24 @@ async def infer(
         with predictor.pixels.reserve(values.size):
             return model_inputs(values, tensor.datatype, spec)
 
-    inference = await unless_client_leaves(
-        request, predictor.infer(name, None if version is None else int(version), prepare)
-    )
+    inference = await unless_client_leaves(request, predictor.infer(name, number, prepare))
+    return _answer(infer_request, inference)
+
+
+def _answer(request: InferRequest, inference: Inference) -> Response[bytes]:
     manifest, scored = inference.manifest, inference.scored
     outputs = {
         manifest.outputs.probabilities: np.stack([one.probabilities for one in scored]),
         manifest.outputs.entropy: np.asarray([one.entropy for one in scored], np.float32),
     }
     head = {"model_name": manifest.name, "model_version": str(manifest.version)}
-    if infer_request.id is not None:
-        head["id"] = infer_request.id
+    if request.id is not None:
+        head["id"] = request.id
     return encode_response(
         head,
         [
-            (output_name, outputs[output_name], wants_binary(infer_request, requested))
-            for output_name, requested in _wanted(infer_request, manifest)
+            (output_name, outputs[output_name], wants_binary(request, requested))
+            for output_name, requested in _wanted(request, manifest)
         ],
     )
 

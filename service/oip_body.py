@@ -9,11 +9,20 @@ the request parameter `binary_data_output`) come back the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
 import numpy as np
 from litestar import Response
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from pydantic import BaseModel, Field, ValidationError
 
 from service.errors import BadInputError
@@ -24,6 +33,8 @@ Datatype = Literal["FP32", "UINT8"]
 
 
 class _Parameters(BaseModel):
+    """The binary extension's parameters of inputs, outputs and the request; others ignored."""
+
     binary_data_size: int | None = Field(default=None, ge=0)
     binary_data: bool | None = None
     binary_data_output: bool = False
@@ -47,6 +58,30 @@ class InferRequest(BaseModel):
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
     outputs: list[RequestedOutput] | None = None
     parameters: _Parameters = _Parameters()
+
+
+@dataclass
+class InferOperation(Operation):
+    """Documents the infer body's two forms, which the handler reads itself."""
+
+    def __post_init__(self) -> None:
+        request = Schema(
+            type=OpenAPIType.OBJECT,
+            required=["inputs"],
+            description="An Open Inference Protocol v2 inference request (see docs/api.md)",
+        )
+        binary = Schema(
+            type=OpenAPIType.STRING,
+            format=OpenAPIFormat.BINARY,
+            description=f"The JSON request ({HEADER_LENGTH} bytes), then binary tensor data",
+        )
+        self.request_body = RequestBody(
+            required=True,
+            content={
+                "application/json": OpenAPIMediaType(schema=request),
+                "application/octet-stream": OpenAPIMediaType(schema=binary),
+            },
+        )
 
 
 def read_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[np.ndarray]]:

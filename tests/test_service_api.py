@@ -128,6 +128,9 @@ def test_health_schema_and_first_request_hint(shared_service: LiveService) -> No
     assert {"/v1/predict", "/v1/models/{name}/predict"} <= set(schema["paths"])
     body_types = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert {"image/png", "image/jpeg", "multipart/form-data", "application/json"} <= set(body_types)
+    infer = schema["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]
+    assert infer["application/json"]["schema"]["required"] == ["inputs"]
+    assert "application/octet-stream" in infer
     port = shared_service.url.rsplit(":", 1)[1]
     hints = [line for line in shared_service.log.read_text().splitlines() if "curl" in line]
     assert len(hints) == 1, hints

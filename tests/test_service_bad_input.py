@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import struct
@@ -92,6 +93,14 @@ def test_v2_binary_tensors_that_do_not_fit_are_a_400(
     with shared_service.client() as http:
         response = post_binary(http, values, size, header_length)
     assert_v2_error(response, 400, phrase)
+
+
+def test_a_compressed_v2_body_is_a_415(shared_service: LiveService) -> None:
+    request = {"inputs": [tensor([1, 4, 4], "UINT8", [0] * 16)]}
+    with shared_service.client() as http:
+        response = http.post(V2_INFER, content=gzip.compress(json.dumps(request).encode()),
+                             headers={"Content-Encoding": "gzip"})
+    assert_v2_error(response, 415, "send the body uncompressed")
 
 
 def test_json_nested_a_thousand_levels_is_a_400_on_v1_and_v2(shared_service: LiveService) -> None:
