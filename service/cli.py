@@ -1,47 +1,53 @@
 """`halflabel-serve` (= `python -m service`): run the inference service.
 
-Its flags are generated from service.settings.Settings by pydantic-settings: every field is a
-flag (`--max-batch-size` for `max_batch_size`) and a `HALFLABEL_*` environment variable, with
-the field's description and default as help; a flag wins over the variable.
+Its flags are generated from service.settings.Settings by models.settings_cli, as are
+halflabel-train's: every field is a flag (`--max-batch-size` for `max_batch_size`) and a
+`HALFLABEL_*` environment variable, with the field's description, default and variable as
+help; a flag wins over the variable. Every error is one line and exit status 1.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import NoReturn
 
-from pydantic import ValidationError
-from pydantic_settings import CliApp, SettingsError
+import typer
 
 from models.errors import HalflabelError
+from models.settings_cli import with_settings
 from service.app import create_app
 from service.security import check_exposure
 from service.server import Server, raise_file_limit
 from service.settings import Settings
 
+command = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@command.command(help=Settings.__doc__)
+@with_settings
+def serve(*, settings: Settings) -> None:
+    """Load the model and serve it over HTTP until interrupted."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    check_exposure(settings)
+    raise_file_limit(settings)
+    Server(create_app(settings), settings).run()
+
 
 def app(argv: list[str] | None = None) -> None:
-    """Read the settings, load the model, and serve it over HTTP until interrupted."""
+    """Entry point: parse the flags and serve; errors become one line on stderr."""
     try:
-        settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
-        logging.basicConfig(
-            level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-        )
-        check_exposure(settings)
-        raise_file_limit(settings)
-        service = create_app(settings)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where, why = ".".join(map(str, first["loc"])), first["msg"].removeprefix("Value error, ")
-        _fail(f"bad setting {where}: {why}")
-    except SettingsError as exc:  # what argparse refuses: unknown flags, missing values
-        _fail(f"{str(exc).removeprefix('error parsing CLI: ')}; see halflabel-serve --help")
+        # Not standalone, where typer would draw usage errors in a box and exit with 2; it
+        # returns the exit status instead (130 after Ctrl-C, re-raised by uvicorn at shutdown).
+        status = command(args=argv, prog_name="halflabel-serve", standalone_mode=False)
+    except typer.TyperException as exc:  # bad values, unknown flags
+        _fail(f"{exc.format_message()}; see halflabel-serve --help")
     except HalflabelError as exc:
         _fail(str(exc))
-    Server(service, settings).run()
+    raise SystemExit(status)
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)

@@ -25,15 +25,7 @@ class Settings(BaseSettings):
     # Every field becomes `HALFLABEL_<FIELD>` and `--<field-with-dashes>` (see service.cli); its
     # description is the flag's help, so each field needs one.
 
-    model_config = SettingsConfigDict(
-        env_prefix="HALFLABEL_",
-        protected_namespaces=(),
-        cli_prog_name="halflabel-serve",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        cli_show_env_vars=True,
-        cli_exit_on_error=False,
-    )
+    model_config = SettingsConfigDict(env_prefix="HALFLABEL_", protected_namespaces=())
 
     host: str = Field(default="127.0.0.1", description="Address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0: any free)")

@@ -16,10 +16,10 @@ import typer
 from typer.testing import CliRunner
 
 from models.repository import ModelRepository
+from models.settings_cli import env_name, flag_name, settings_fields, with_settings
 from trainer.cli import app
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
-from trainer.flags import env_name, flag_name, settings_fields, with_settings
 from trainer.network import ProbabilitiesAndEntropy, classifier_from_checkpoint
 from trainer.settings import RepositorySettings, RetrainSettings
 

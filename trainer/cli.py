@@ -20,9 +20,9 @@ from rich.markup import escape
 
 from models.errors import HalflabelError
 from models.repository import Artifact, ModelRepository, parse_reference
+from models.settings_cli import with_settings
 from trainer.config import TrainConfig
 from trainer.errors import DataError
-from trainer.flags import with_settings
 from trainer.settings import RepositorySettings, RetrainSettings
 
 if TYPE_CHECKING:

@@ -2,7 +2,8 @@
 
 Each field is an environment variable `HALFLABEL_TRAIN_<SECTION>_<FIELD>` (top-level ones
 `HALFLABEL_TRAIN_<FIELD>`) and a flag `--<section>-<field>` of `fit` and `retrain`, generated
-by `trainer.flags`; a flag wins over its variable. A stage's `steps` is its budget: 0 skips it.
+by `models.settings_cli`; a flag wins over its variable. A stage's `steps` is its budget: 0
+skips it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """halflabel-train's settings besides the recipe: `HALFLABEL_*` environment variables.
 
-Flags are generated from these models by `trainer.flags`, like those of `TrainConfig`.
+Flags are generated from these models by `models.settings_cli`, like those of `TrainConfig`.
 """
 
 from __future__ import annotations

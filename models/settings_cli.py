@@ -4,8 +4,11 @@
 settings model by one typer option per field of that model, nested sections included:
 `--<field>` for a top-level field, `--<section>-<field>` in a section, and `--<section>` for a
 section's `enabled` switch; booleans get a `--no-` form. Help text, default and environment
-variable name come from the model. Flags left out fall through to the environment, then to
-the defaults; the command receives the built model.
+variable name come from the model. A collection (a dict, a set...) is one string option that
+the model's own validators parse, as they parse its environment variable. Flags left out fall
+through to the environment, then to the defaults; the command receives the built model.
+
+Both programs use it: `halflabel-train` (trainer.cli) and `halflabel-serve` (service.cli).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def with_settings(command: Callable[..., Result]) -> Callable[..., Result]:
             if (value := values.pop(identifier)) is not None:
                 _set(given[parameter], path, value)
         built = {name: _build(model, given[name]) for name, model in models.items()}
-        return command(**values, **built)  # type: ignore[arg-type]
+        return command(**values, **built)
 
     own = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values()
            if p.name not in models]
@@ -100,8 +103,9 @@ def _build(model: type[Settings], values: dict[str, Any]) -> Settings:
         path = tuple(str(part) for part in error["loc"])
         by_alias = {str(f.validation_alias): name for name, f in model.model_fields.items()}
         path = (by_alias.get(path[0], path[0]), *path[1:])
-        raise typer.BadParameter(f"{error['msg']} (from the flag or {env_name(model, path)})",
-                                 param_hint=flag_name(path)) from None
+        why = error["msg"].removeprefix("Value error, ")
+        raise typer.BadParameter(f"{why} (from the flag or {env_name(model, path)})",
+                                 param_hint=[flag_name(path)]) from None
 
 
 def _option(model: type[BaseSettings], path: FieldPath, field: FieldInfo) -> object:
@@ -113,7 +117,14 @@ def _option(model: type[BaseSettings], path: FieldPath, field: FieldInfo) -> obj
     help_text = f"{field.description or ''} (default: {shown}; env {env_name(model, path)})"
     option = typer.Option(*names, help=help_text.strip(), show_default=False,
                           rich_help_panel=path[0] if len(path) > 1 else None)
-    return Annotated[Optional[field.annotation], option]  # type: ignore[name-defined]  # noqa: UP045
+    value_type = str if _is_collection(field.annotation) else field.annotation
+    return Annotated[Optional[value_type], option]  # noqa: UP045
+
+
+def _is_collection(annotation: object) -> bool:
+    """Whether `annotation` holds a dict, list, set or tuple (`int | None` does not)."""
+    return (typing.get_origin(annotation) in (dict, list, set, frozenset, tuple)
+            or any(_is_collection(argument) for argument in typing.get_args(annotation)))
 
 
 def _set(tree: dict[str, Any], path: FieldPath, value: object) -> None:
