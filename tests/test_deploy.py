@@ -235,21 +235,20 @@ def test_every_setting_the_manifests_give_is_known_and_valid(
     """Each HALFLABEL_* variable is a setting of the program it is given to, with a valid value."""
     from pydantic_settings import BaseSettings
 
+    from models.settings_cli import env_name, settings_fields
     from service.settings import Settings
     from trainer.config import TrainConfig
-    from trainer.retrain import RetrainSettings
+    from trainer.settings import RetrainSettings
 
     def names(*models: type[BaseSettings]) -> set[str]:
-        return {f"{m.model_config['env_prefix']}{f}".upper()
-                for m in models for f in m.model_fields}
+        return {env_name(m, path) for m in models for path, _ in settings_fields(m)}
 
     docs = render(f"overlays/{overlay}")
     for workload, models in (("halflabel-service", (Settings,)),
                              ("halflabel-retrain", (TrainConfig, RetrainSettings))):
         given = {n: REFERENCE.sub("x", v) for n, v in environment(docs, workload).items()
                  if n.startswith("HALFLABEL_")}
-        # HALFLABEL_MODEL_DIR: the model repository's root, read by models.repository too.
-        assert set(given) - {"HALFLABEL_MODEL_DIR"} <= names(*models), workload
+        assert set(given) <= names(*models), workload
         for name, value in given.items():
             monkeypatch.setenv(name, value)
         for model in models:
