@@ -124,7 +124,9 @@ def test_retrain_publishes_and_the_live_service_serves_it(
             result = run_retrain(repo, queue_prefix, tmp_path / "snapshots", "--margin", "1")
             assert result.returncode == 0, result.stderr
             assert "published digits:2" in result.stdout
-            assert list(scratch(tmp_path).iterdir()) == []  # no candidate left behind
+            # No candidate repository or export folder left behind (libraries may leave theirs).
+            assert [p for p in scratch(tmp_path).iterdir() if p.name.startswith("halflabel-")
+                    ] == []
 
             deadline = time.monotonic() + 20
             while client.post("/v1/predict", content=digit_pngs(1)[0][0],
