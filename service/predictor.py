@@ -27,10 +27,6 @@ from service.settings import Settings
 T = TypeVar("T")
 GUESSES_IN_TASK = 3
 DEFAULT_TOP_K = 5
-# Images of at most this many pixels in all are decoded on the event loop: for a thumbnail the
-# hop to a thread and back costs about as much CPU as decoding it (0.1 ms and 0.15 ms for a
-# 64x64 PNG), and the loop is held up no longer than by the hop's own bookkeeping.
-INLINE_PIXELS = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -85,7 +81,7 @@ class Inference:
 
 
 Prepare = Callable[[ServedModel], list[ModelInput]]
-"""A route's body → model inputs for the served model; runs on a thread unless it is small."""
+"""A route's body → model inputs for the served model; runs on a thread (it decodes)."""
 
 
 def decode_for_model(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[np.ndarray, str]:
@@ -109,11 +105,9 @@ class Predictor:
     ) -> PredictResponse:
         """Predict every image file with `name` (at `version` when given): the /v1 answer."""
 
-        pixels = sum(map(image_pixels, images))
-
         def decode(served: ServedModel) -> list[ModelInput]:
             inputs = []
-            with self.pixels.reserve(pixels):
+            with self.pixels.reserve(sum(map(image_pixels, images))):
                 for data in images:
                     array, content_type = decode_for_model(
                         data, served.manifest.input, self.settings.max_pixels
@@ -121,20 +115,17 @@ class Predictor:
                     inputs.append(ModelInput(array, ImageFile(data, content_type)))
             return inputs
 
-        inference = await self.infer(name, version, decode, on_thread=pixels > INLINE_PIXELS)
+        inference = await self.infer(name, version, decode)
         manifest = inference.manifest
         predictions = [_prediction(manifest, scored, top_k) for scored in inference.scored]
         return PredictResponse(manifest.name, manifest.version, predictions)
 
-    async def infer(
-        self, name: str, version: int | None, prepare: Prepare, on_thread: bool = True
-    ) -> Inference:
-        """Run what `prepare` makes of the body through `name`, within the request timeout;
-        `prepare` runs on a thread unless `on_thread` is false (work too small to hop)."""
+    async def infer(self, name: str, version: int | None, prepare: Prepare) -> Inference:
+        """Run what `prepare` makes of the body through `name`, within the request timeout."""
 
         async def infer_with(served: ServedModel) -> Inference:
             manifest = served.manifest
-            inputs = await asyncio.to_thread(prepare, served) if on_thread else prepare(served)
+            inputs = await asyncio.to_thread(prepare, served)
             rows = await served.batcher.infer([model_input.array for model_input in inputs])
             scored = [
                 _score(manifest, model_input, probabilities, entropy)

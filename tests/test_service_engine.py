@@ -26,16 +26,12 @@ from conftest import (
     tiny_env,
     tiny_onnx_model,
 )
-from litestar.testing import TestClient
 from PIL import Image
 
 from models.repository import MODEL_FILE, ModelRepository
-from service import predictor
-from service.app import create_app
 from service.batching import DynamicBatcher
 from service.engine import DeviceUnavailableError, OnnxModel, Outputs
 from service.errors import ServerBusyError
-from service.settings import Settings
 
 PNG = {"Content-Type": "image/png"}
 
@@ -215,30 +211,6 @@ def test_decoding_beyond_the_pixels_in_flight_is_refused_at_once(
     assert "HALFLABEL_MAX_PIXELS_IN_FLIGHT" in busy.json()["detail"]
     assert after.status_code == 200
     assert "halflabel_decodes_refused_total 1.0" in metrics
-
-
-def test_thumbnails_decode_on_the_event_loop_and_larger_images_on_a_thread(
-    model_repo: ModelRepository, queue_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    decoded_on_threads = []
-    to_thread = asyncio.to_thread
-
-    async def counting_to_thread(func, /, *args):  # type: ignore[no-untyped-def]
-        if "Predictor.predict" in func.__qualname__:
-            decoded_on_threads.append(func)
-        return await to_thread(func, *args)
-
-    monkeypatch.setattr(predictor.asyncio, "to_thread", counting_to_thread)
-    settings = Settings(model_dir=model_repo.root, model_name="tiny", queue_prefix=queue_prefix,
-                        spool_dir=tmp_path / "spool")
-    side = int(predictor.INLINE_PIXELS**0.5)
-    with TestClient(create_app(settings)) as http:
-        small = http.post("/v1/predict", content=grey_png(0, size=side), headers=PNG)
-        assert (small.status_code, decoded_on_threads) == (200, [])
-        large = http.post("/v1/predict", content=grey_png(0, size=side + 1), headers=PNG)
-        assert large.status_code == 200
-        assert len(decoded_on_threads) == 1
-        assert small.json()["predictions"][0]["label"] == large.json()["predictions"][0]["label"]
 
 
 def test_slow_request_times_out_with_504(
