@@ -4,9 +4,6 @@ Inputs wait in a queue; a worker takes up to `max_batch_size` of them, waiting a
 `max_queue_delay_s` after the first for more, and runs the batch on a thread so the event loop
 keeps accepting requests meanwhile. At most `max_queue_size` inputs are held at once, queued or
 in a batch; a request that would exceed that is refused at once (503), so memory stays bounded.
-A request is refused too when the inputs ahead of it would take longer than `max_queue_wait_s`
-at the last batch's time per input: many clients with one image each never fill the queue, and
-without this every request would wait longer and longer instead of some getting a quick 503.
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
-        max_queue_wait_s: float,
     ) -> None:
         self._run = run
         self._executor = executor
@@ -53,8 +49,6 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.max_queue_wait_s = max_queue_wait_s
-        self._seconds_per_input = 0.0  # in the last batch; 0 until one has run
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._admitted = 0  # inputs taken and not yet answered, queued or in a batch
         self._worker: asyncio.Task[None] | None = None
@@ -77,13 +71,6 @@ class DynamicBatcher:
         if self._admitted + count > self.max_queue_size:
             metrics.REJECTED_INPUTS.inc(count)
             raise ServerBusyError("the inference queue is full; retry after a short wait")
-        expected_wait = (self._admitted + count) * self._seconds_per_input
-        if self._admitted and expected_wait > self.max_queue_wait_s:
-            metrics.REJECTED_INPUTS.inc(count)
-            raise ServerBusyError(
-                f"the inference queue would take {expected_wait:.2f}s, over "
-                "HALFLABEL_MAX_QUEUE_WAIT_MS; retry after a short wait"
-            )
 
     async def infer(self, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """Probabilities and entropy for each input array, batched with everyone else's."""
@@ -156,9 +143,7 @@ class DynamicBatcher:
                     item.future.set_exception(exc)
             return
         finally:
-            elapsed = time.perf_counter() - started
-            self._inference_time.observe(elapsed)
-            self._seconds_per_input = elapsed / len(live)
+            self._inference_time.observe(time.perf_counter() - started)
         for i, item in enumerate(live):
             if not item.future.done():
                 item.future.set_result((outputs.probabilities[i], float(outputs.entropy[i])))

@@ -32,8 +32,7 @@ INFERENCE_QUEUE_DEPTH = Gauge(
     "halflabel_inference_queue_depth", "Inputs admitted and not yet answered (the HPA scales on it)"
 )
 REJECTED_INPUTS = Counter(
-    "halflabel_rejected_inputs",
-    "Inputs refused with 503: the batching queue was full or its expected wait too long",
+    "halflabel_rejected_inputs", "Inputs refused with 503 because the batching queue was full"
 )
 DECODES_REFUSED = Counter(
     "halflabel_decodes_refused",

@@ -131,7 +131,6 @@ class ModelHost:
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
-            max_queue_wait_s=settings.max_queue_wait_ms / 1000,
         )
         return ServedModel(engine, batcher)
 

@@ -61,10 +61,6 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(
         default=1024, ge=1, description="Inputs held at once; more: 503, more in one request: 413"
     )
-    max_queue_wait_ms: float = Field(
-        default=1000, gt=0,
-        description="Longest expected wait in the inference queue; a request beyond it: 503",
-    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="Per-request limit (504)")
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Redis of the labelling queue"
