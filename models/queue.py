@@ -22,6 +22,7 @@ from models.errors import UnknownClassError
 
 QUEUE_SCHEMA = "v1"
 DEFAULT_PREFIX = "halflabel"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_TASKS = 10_000
 DEFAULT_LEASE_SECONDS = 300.0
 IMAGE_TTL_SECONDS = 30 * 24 * 3600

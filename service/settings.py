@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
-from models.queue import DEFAULT_LEASE_SECONDS, DEFAULT_PREFIX
+from models.queue import DEFAULT_LEASE_SECONDS, DEFAULT_PREFIX, DEFAULT_REDIS_URL
 from models.repository import DEFAULT_ROOT
 
 SCOPES = ("predict", "label", "admin")
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(default=30.0, gt=0, description="Per-request limit (504)")
     redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0", description="Redis of the labelling queue"
+        default=DEFAULT_REDIS_URL, description="Redis of the labelling queue"
     )
     queue_prefix: str = Field(
         default=DEFAULT_PREFIX, description="Prefix of the queue's Redis keys"

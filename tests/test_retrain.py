@@ -87,7 +87,8 @@ def run_retrain(repo: ModelRepository, prefix: str, snapshots: Path, *flags: str
                 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "trainer", "retrain", "--name", "digits",
                "--labels-per-class", str(LABELS_PER_CLASS), "--supervised-steps", "10",
-               "--pseudo-steps", "0", "--no-spreading", "--threads", "1", "--no-progress",
+               "--pseudo-steps", "0", "--refine-steps", "0", "--no-spreading", "--threads", "1",
+               "--no-progress",
                "--model-dir", str(repo.root), "--snapshot-dir", str(snapshots), *flags]
     env = {**os.environ, "HALFLABEL_REDIS_URL": REDIS_URL, "HALFLABEL_QUEUE_PREFIX": prefix,
            "TMPDIR": str(scratch(snapshots.parent))}

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.queue import DEFAULT_PREFIX
+from models.queue import DEFAULT_PREFIX, DEFAULT_REDIS_URL
 from models.repository import DEFAULT_ROOT
 
 
@@ -26,7 +26,7 @@ class RepositorySettings(BaseSettings):
 class RetrainSettings(RepositorySettings):
     """Where retrain's labels come from, and its promotion gate."""
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the label store's Redis")
+    redis_url: str = Field(DEFAULT_REDIS_URL, description="the label store's Redis")
     queue_prefix: str = Field(DEFAULT_PREFIX, description="key prefix of the queue and labels")
     snapshot_dir: Path = Field(Path("data/feedback"),
                                description="root of the label snapshots, one folder per prefix")
