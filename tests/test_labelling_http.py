@@ -169,7 +169,8 @@ def test_the_lease_setting_holds_claims_and_a_bad_one_fails_start_up(
         stop_service(service)
 
     bad = tiny_env(model_repo, queue_prefix, label_lease_seconds="0")
-    with pytest.raises(RuntimeError, match="bad setting label_lease_seconds"):
+    bad_lease = "Invalid value for '--label-lease-seconds'.*HALFLABEL_LABEL_LEASE_SECONDS"
+    with pytest.raises(RuntimeError, match=bad_lease):
         start_service(bad, tmp_path / "bad.log")
 
 
