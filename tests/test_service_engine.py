@@ -11,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from conftest import (
@@ -169,11 +170,20 @@ def test_decoding_beyond_the_pixels_in_flight_is_refused_at_once(
     refused = []
     try:
         with service.client() as http, ThreadPoolExecutor(1) as pool:
-            decoding = pool.submit(http.post, "/v1/predict", content=big.getvalue(), headers=PNG)
-            while not decoding.done() and not refused:
-                response = http.post("/v1/predict", content=grey_png(0), headers=PNG)
-                if response.status_code == 503:
-                    refused.append(response)
+            # The big image is itself refused when it arrives while a small one decodes: resend.
+            def big_decode_while_probing() -> Future[httpx.Response]:
+                decoding = pool.submit(
+                    http.post, "/v1/predict", content=big.getvalue(), headers=PNG
+                )
+                while not decoding.done() and not refused:
+                    response = http.post("/v1/predict", content=grey_png(0), headers=PNG)
+                    if response.status_code == 503:
+                        refused.append(response)
+                return decoding
+
+            decoding, resent = big_decode_while_probing(), 0
+            while decoding.result().status_code == 503 and resent < 5:
+                decoding, resent = big_decode_while_probing(), resent + 1
             assert decoding.result().status_code == 200
             after = http.post("/v1/predict", content=grey_png(0), headers=PNG)
             metrics = http.get("/metrics").text
@@ -183,7 +193,8 @@ def test_decoding_beyond_the_pixels_in_flight_is_refused_at_once(
     assert busy.headers["retry-after"] == "1"
     assert "HALFLABEL_MAX_PIXELS_IN_FLIGHT" in busy.json()["detail"]
     assert after.status_code == 200
-    assert "halflabel_decodes_refused_total 1.0" in metrics
+    # The small one refused, and the big one each time it had to be resent.
+    assert f"halflabel_decodes_refused_total {1 + resent}.0" in metrics
 
 
 def test_slow_request_times_out_with_504(
