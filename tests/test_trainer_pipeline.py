@@ -12,13 +12,19 @@ import pytest
 import torch
 
 from models.repository import ModelRepository
+from trainer import pipeline
 from trainer.config import TrainConfig
+from trainer.criterion import surest
 from trainer.data import Dataset, load_dataset
 from trainer.errors import DataError, ExportError, WeightsError
 from trainer.export import check_parity, export_onnx
 from trainer.network import Architecture, build_classifier, save_checkpoint
+from trainer.optimise import predict
 from trainer.pipeline import run_pipeline
 from trainer.publish import export_and_publish
+from trainer.spreading import LabelSpreadingRound, PseudoLabels
+from trainer.stage import TrainingState
+from trainer.supervised import SupervisedFineTuning
 
 TINY: dict[str, Any] = {"threads": 1, "progress": False, "batch_size": 8,
                         "supervised": {"steps": 3}, "pseudo": {"steps": 3}, "refine": {"steps": 0}}
@@ -148,3 +154,65 @@ def test_untrained_backbone_spreads_first_over_pixels(digits: Dataset) -> None:
     details = embeddings.stages[1].details
     assert details["spread_on_inputs"] == 0
     assert details["pseudo_label_accuracy"] < pixels_first - 0.05
+
+
+class Wreck:
+    """A stage that ruins the classifier: every input gets class 0."""
+
+    name = "wreck"
+
+    def steps(self, config: TrainConfig) -> int:
+        return 1
+
+    def run(self, state: TrainingState, steps: int) -> dict[str, float]:
+        head = state.classifier.head
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.eye(len(head.bias))[0] * 10)
+        state.pseudo = None
+        return {}
+
+
+class Pause:
+    """A stage that changes nothing: the criterion ties, and a tie keeps it."""
+
+    name = "pause"
+
+    def steps(self, config: TrainConfig) -> int:
+        return 1
+
+    def run(self, state: TrainingState, steps: int) -> dict[str, float]:
+        return {}
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+def test_a_stage_that_lowers_the_criterion_is_rolled_back(
+    digits: Dataset, monkeypatch: pytest.MonkeyPatch, rollback: bool
+) -> None:
+    stages = [SupervisedFineTuning(), LabelSpreadingRound(1, 1), Wreck(), Pause()]
+    monkeypatch.setattr(pipeline, "recipe", lambda config: stages)
+    trained = run_pipeline(digits, tiny(rollback=rollback))
+    spread, wreck, pause = trained.stages[1:]
+    assert digits.test is not None
+    final = predict(trained.classifier, torch.as_tensor(digits.test.images), trained.runtime)
+    final_accuracy = float(np.mean(final.argmax(axis=1) == digits.test.labels))
+    assert wreck.test_accuracy is not None and wreck.test_accuracy < 0.15
+    if rollback:
+        assert wreck.verdict is not None and not wreck.kept
+        assert wreck.verdict.score < wreck.verdict.before
+        assert " < " in wreck.verdict.reason and "held-out labels" in wreck.verdict.reason
+        assert pause.kept and pause.verdict is not None
+        assert pause.verdict.score == pause.verdict.before
+        # The wreck undone: the model is the one the spreading round left, pseudo-labels too.
+        assert final_accuracy == spread.test_accuracy
+        assert trained.pseudo_labelled == len(digits.unlabeled)
+    else:
+        assert all(stage.verdict is None for stage in trained.stages)
+        assert final_accuracy == wreck.test_accuracy
+
+
+def test_the_criterion_is_the_surest_half_of_each_spread_class() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    confidence = np.array([0.1, 0.9, 0.5, 0.8, 0.3, 0.2])
+    pseudo = PseudoLabels(np.eye(2)[labels], labels, confidence, np.ones(6))
+    assert surest(pseudo, np.random.default_rng(0)).tolist() == [1, 3, 4]

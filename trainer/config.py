@@ -105,6 +105,8 @@ class TrainConfig(BaseSettings):
                                   "does not change (off for digits)")
     fp16: bool = Field(False, description="also publish an FP16 ONNX")
     progress: bool = Field(True, description="progress bars")
+    rollback: bool = Field(True, description="undo a stage that lowers the held-out criterion "
+                           "(held-out labels + the first spreading round's surest pseudo-labels)")
     pretrain: PretrainConfig = PretrainConfig()
     supervised: SupervisedConfig = SupervisedConfig()
     spreading: SpreadingConfig = SpreadingConfig()

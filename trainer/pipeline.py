@@ -7,8 +7,9 @@
 The recipe is a list of stages (`recipe`), run in order over one shared `TrainingState`: a
 backbone from ImageNet / a checkpoint / SimCLR pretraining → supervised fine-tuning → label
 spreading rounds, each followed by training on its pseudo-labels → FixMatch/FlexMatch
-refinement. Each runs only when its budget (`steps`) is > 0. Temperature scaling on a
-held-out slice of the labels then calibrates what they trained.
+refinement. Each runs only when its budget (`steps`) is > 0, and each after the first
+spreading round is kept only if it does not lower a held-out criterion (`trainer.criterion`).
+Temperature scaling on a held-out slice of the labels then calibrates what they trained.
 
 Label spreading runs in rounds, each on the embeddings the previous one improved. A backbone
 that starts untrained has learnt next to nothing from a handful of labels, so on small images
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from trainer.calibration import (
     softmax,
 )
 from trainer.config import TrainConfig
+from trainer.criterion import Criterion, Snapshot, judge
 from trainer.data import Dataset, ImageSet
 from trainer.fixmatch import FixMatchRefinement
 from trainer.network import Architecture, Classifier, build_classifier
@@ -98,12 +100,29 @@ def run_pipeline(
     runtime = runtime or start_runtime(config.device, config.seed, config.threads, config.progress)
     train, held_out = split_held_out(dataset.labeled, config.calibration.fraction, config.seed)
     state = _start(dataset, config, runtime, train)
-    results = [run_stage(stage, state, steps) for stage in recipe(config)
-               if (steps := stage.steps(config))]
+    results = run_stages(recipe(config), state, held_out)
     calibration = calibrate(state.classifier, held_out, dataset.test, config, runtime)
     pseudo_labelled = len(state.pool) if state.pseudo is not None or config.refine.steps else 0
     return TrainedModel(state.classifier, dataset, config, held_out, calibration, results,
                         runtime, pseudo_labelled)
+
+
+def run_stages(stages: list[Stage], state: TrainingState, held_out: ImageSet) -> list[StageResult]:
+    """Run each stage that has a budget; once the pool has pseudo-labels, judge each on the
+    held-out criterion and roll back those that lower it (`trainer.criterion`)."""
+    results: list[StageResult] = []
+    criterion: Criterion | None = None
+    for stage in stages:
+        if not (steps := stage.steps(state.config)):
+            continue
+        before = Snapshot.of(state)
+        result = run_stage(stage, state, steps)
+        if criterion is None and state.pseudo is not None:
+            criterion = Criterion.anchored(held_out, state)
+        if criterion is not None and state.config.rollback:
+            result = replace(result, verdict=judge(criterion, before, state))
+        results.append(result)
+    return results
 
 
 def run_stage(stage: Stage, state: TrainingState, steps: int) -> StageResult:

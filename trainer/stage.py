@@ -72,12 +72,29 @@ class Stage(Protocol):
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The held-out criterion after a stage and before it (`trainer.criterion`), and whether
+    the stage was kept or rolled back."""
+
+    score: float
+    before: float
+    kept: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class StageResult:
-    """What one stage did: its wall time and, when there is a test split, the accuracy after it
-    (for the report only: no stage ever sees the test split)."""
+    """What one stage did: its wall time, the verdict on it once there is a criterion, and,
+    when there is a test split, the accuracy after it (for the report only: no stage ever sees
+    the test split; a rolled-back stage's is the accuracy it would have left)."""
 
     name: str
     steps: int
     seconds: float
     test_accuracy: float | None
     details: dict[str, float] = field(default_factory=dict)
+    verdict: Verdict | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.verdict is None or self.verdict.kept

@@ -1,0 +1,110 @@
+"""Whether a stage earned its place, judged without ever looking at the test split.
+
+Once the first spreading round has pseudo-labelled the pool, the pipeline scores the classifier
+after every stage on a fixed set: the labels held out for calibration, plus the surest half of
+each class's pseudo-labels from that round (these are almost all right, so a stage that drifts
+away from them is losing what spreading found). A stage whose classifier scores lower than
+the one before it is rolled back: its weights and pseudo-labels are undone and the next stage
+starts where it started. The score never falls from one kept stage to the next, so the fit
+never ends below its first spreading round on this measure.
+
+The held-out labels alone cannot decide: a 5-labels-per-class fit holds out one per class, and
+one image moves their accuracy by 10 points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.data import ImageSet
+from trainer.optimise import predict
+from trainer.spreading import PseudoLabels
+from trainer.stage import TrainingState, Verdict
+
+ANCHOR_SHARE = 0.5  # of each class's pseudo-labels, the surest
+ANCHOR_LIMIT = 2000  # pool images at most, drawn at random beyond it: scoring stays cheap
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Images with the classes a good classifier gives them: held-out labels first."""
+
+    images: torch.Tensor
+    classes: np.ndarray
+    held_out: int
+
+    @classmethod
+    def anchored(cls, held_out: ImageSet, state: TrainingState) -> Criterion:
+        assert state.pseudo is not None
+        chosen = surest(state.pseudo, np.random.default_rng(state.config.seed))
+        device = state.runtime.device
+        images = torch.cat([torch.as_tensor(held_out.images, device=device), state.pool[chosen]])
+        return cls(images, np.concatenate([held_out.labels, state.pseudo.labels[chosen]]),
+                   len(held_out))
+
+    def score(self, state: TrainingState) -> float:
+        """The share of the set `state`'s classifier gets right."""
+        logits = predict(state.classifier, self.images, state.runtime)
+        return float(np.mean(logits.argmax(axis=1) == self.classes))
+
+    def describe(self) -> str:
+        return (f"{self.held_out} held-out labels + {len(self.classes) - self.held_out} "
+                "surest pseudo-labels of the first spreading round")
+
+
+def surest(pseudo: PseudoLabels, rng: np.random.Generator) -> np.ndarray:
+    """Pool indices: the most confident `ANCHOR_SHARE` of each spread class."""
+    chosen = []
+    for label in np.unique(pseudo.labels):
+        members = np.flatnonzero(pseudo.labels == label)
+        order = members[np.argsort(-pseudo.confidence[members], kind="stable")]
+        chosen.append(order[: max(1, int(len(order) * ANCHOR_SHARE))])
+    picked = np.concatenate(chosen)
+    if len(picked) > ANCHOR_LIMIT:
+        picked = rng.choice(picked, ANCHOR_LIMIT, replace=False)
+    return np.sort(picked)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a stage changes: the classifier's weights and the pseudo-labels."""
+
+    weights: dict[str, torch.Tensor]
+    pseudo: PseudoLabels | None
+
+    @classmethod
+    def of(cls, state: TrainingState) -> Snapshot:
+        weights = {k: v.detach().clone() for k, v in state.classifier.state_dict().items()}
+        return cls(weights, state.pseudo)
+
+    def restore(self, state: TrainingState) -> None:
+        state.classifier.load_state_dict(self.weights)
+        state.pseudo = self.pseudo
+
+
+def judge(criterion: Criterion, before: Snapshot, state: TrainingState) -> Verdict:
+    """Keep the stage that just ran on `state`, or restore `before` if it lowered the score."""
+    after = Snapshot.of(state)
+    score = criterion.score(state)
+    before.restore(state)
+    reference = criterion.score(state)
+    kept = _agreed(score >= reference, state)
+    if kept:
+        after.restore(state)
+    sign = ">=" if kept else "<"
+    reason = (f"criterion {score:.2%} {sign} {reference:.2%} before it "
+              f"({criterion.describe()})")
+    return Verdict(score, reference, kept, reason)
+
+
+def _agreed(decision: bool, state: TrainingState) -> bool:
+    """Rank 0's decision on every rank, so that DDP processes never train different models."""
+    if state.runtime.world_size == 1:
+        return decision
+    shared = [decision]
+    dist.broadcast_object_list(shared, src=0)
+    return bool(shared[0])
