@@ -27,7 +27,6 @@ from trainer.settings import RepositorySettings, RetrainSettings
 
 if TYPE_CHECKING:
     from trainer.retrain import RetrainResult
-    from trainer.stage import StageResult
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
                   add_completion=False)
@@ -69,9 +68,10 @@ def _fail(message: str) -> None:
 
 
 def _setup_logging() -> None:
-    # Warnings only: libraries narrate at INFO (the exporter, faiss) and would bury our output.
+    # Libraries' warnings only: they narrate at INFO (the exporter, faiss) and would bury ours.
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=errors, show_path=False, show_time=False)])
+    logging.getLogger("trainer").setLevel(logging.INFO)  # the budget's plan, stages rolled back
 
 
 @app.command()
@@ -114,18 +114,9 @@ def fit(
         try:
             trained = run_pipeline(dataset, config)
             if trained.runtime.is_main:
-                _print_stages(trained.stages)
                 _print_published(export_and_publish(trained, repository, name))
         finally:
             stop_runtime()
-
-
-def _print_stages(stages: list[StageResult]) -> None:
-    for stage in stages:
-        verdict = stage.verdict
-        outcome = "" if verdict is None else (
-            f"; {'kept' if verdict.kept else 'rolled back'}: {verdict.reason}")
-        console.print(f"stage {stage.name}: {stage.steps} steps, {stage.seconds:.0f} s{outcome}")
 
 
 def _print_published(artifact: Artifact) -> None:

@@ -8,15 +8,33 @@ skips it.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The backbones `trainer.network.build_backbone` can build (torchvision's names).
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
 Device = Literal["auto", "cpu", "cuda"]
 SpreadingSpace = Literal["auto", "inputs", "embeddings"]
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+def _seconds(value: object) -> object:
+    """'20m', '1h30m', '90s' or '90' as seconds; anything else is left to pydantic to refuse."""
+    if not isinstance(value, str):
+        return value
+    match = _DURATION.fullmatch(value.strip())
+    if not value.strip() or match is None:
+        raise ValueError(f"{value!r} is not a duration; write e.g. 20m, 1h30m or 90s")
+    hours, minutes, seconds = (float(part or 0) for part in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
 
 
 class _Section(BaseModel):
@@ -105,6 +123,9 @@ class TrainConfig(BaseSettings):
                                   "does not change (off for digits)")
     fp16: bool = Field(False, description="also publish an FP16 ONNX")
     progress: bool = Field(True, description="progress bars")
+    budget: Seconds | None = Field(
+        None, description="wall time for the stages, e.g. 20m or 1h: their steps are scaled to "
+        "fill it, measured on this machine, and the plan printed before training")
     rollback: bool = Field(True, description="undo a stage that lowers the held-out criterion "
                            "(held-out labels + the first spreading round's surest pseudo-labels)")
     pretrain: PretrainConfig = PretrainConfig()

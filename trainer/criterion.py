@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer.data import ImageSet
 from trainer.optimise import predict
@@ -92,7 +91,7 @@ def judge(criterion: Criterion, before: Snapshot, state: TrainingState) -> Verdi
     score = criterion.score(state)
     before.restore(state)
     reference = criterion.score(state)
-    kept = _agreed(score >= reference, state)
+    kept = state.runtime.agree(score >= reference)
     if kept:
         after.restore(state)
     sign = ">=" if kept else "<"
@@ -100,11 +99,3 @@ def judge(criterion: Criterion, before: Snapshot, state: TrainingState) -> Verdi
               f"({criterion.describe()})")
     return Verdict(score, reference, kept, reason)
 
-
-def _agreed(decision: bool, state: TrainingState) -> bool:
-    """Rank 0's decision on every rank, so that DDP processes never train different models."""
-    if state.runtime.world_size == 1:
-        return decision
-    shared = [decision]
-    dist.broadcast_object_list(shared, src=0)
-    return bool(shared[0])

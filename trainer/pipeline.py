@@ -21,6 +21,7 @@ either (64%).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.budget import plan
 from trainer.calibration import (
     choose_entropy_threshold,
     expected_calibration_error,
@@ -46,6 +48,8 @@ from trainer.simclr import SimCLRPretraining
 from trainer.spreading import LabelSpreadingRound
 from trainer.stage import Stage, StageResult, TrainingState
 from trainer.supervised import SupervisedFineTuning
+
+log = logging.getLogger(__name__)
 
 
 def recipe(config: TrainConfig) -> list[Stage]:
@@ -100,7 +104,10 @@ def run_pipeline(
     runtime = runtime or start_runtime(config.device, config.seed, config.threads, config.progress)
     train, held_out = split_held_out(dataset.labeled, config.calibration.fraction, config.seed)
     state = _start(dataset, config, runtime, train)
-    results = run_stages(recipe(config), state, held_out)
+    stages = recipe(config)
+    if config.budget is not None:
+        state.config = config = runtime.agree(plan(stages, state, config.budget).config)
+    results = run_stages(stages, state, held_out)
     calibration = calibrate(state.classifier, held_out, dataset.test, config, runtime)
     pseudo_labelled = len(state.pool) if state.pseudo is not None or config.refine.steps else 0
     return TrainedModel(state.classifier, dataset, config, held_out, calibration, results,
@@ -120,7 +127,10 @@ def run_stages(stages: list[Stage], state: TrainingState, held_out: ImageSet) ->
         if criterion is None and state.pseudo is not None:
             criterion = Criterion.anchored(held_out, state)
         if criterion is not None and state.config.rollback:
-            result = replace(result, verdict=judge(criterion, before, state))
+            verdict = judge(criterion, before, state)
+            log.info("%s %s: %s", stage.name, "kept" if verdict.kept else "rolled back",
+                     verdict.reason)
+            result = replace(result, verdict=verdict)
         results.append(result)
     return results
 

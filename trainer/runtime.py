@@ -6,6 +6,7 @@ import os
 import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ import torch.distributed as dist
 
 from trainer.config import Device
 from trainer.errors import SettingsError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,14 @@ class Runtime:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
+
+    def agree(self, value: T) -> T:
+        """Rank 0's `value` on every rank: DDP processes must take the same decisions."""
+        if self.world_size == 1:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     def generator(self, stage: str) -> torch.Generator:
         """A CPU generator for one stage: the same draws for the same seed, rank and stage."""
