@@ -216,3 +216,13 @@ def test_the_criterion_is_the_surest_half_of_each_spread_class() -> None:
     confidence = np.array([0.1, 0.9, 0.5, 0.8, 0.3, 0.2])
     pseudo = PseudoLabels(np.eye(2)[labels], labels, confidence, np.ones(6))
     assert surest(pseudo, np.random.default_rng(0)).tolist() == [1, 3, 4]
+
+
+def test_poisson_learning_spreads_below_two_labels_per_class(digits: Dataset) -> None:
+    one_each = load_dataset("digits", labels_per_class=1, progress=False)
+    rounds = [s for s in run_pipeline(one_each, tiny()).stages if s.name.startswith("label")]
+    assert [r.details["poisson"] for r in rounds] == [1, 1]
+    assert rounds[0].details["pseudo_label_accuracy"] > 0.6
+    chosen = run_pipeline(digits, tiny(spreading={"method": "poisson"})).stages[1].details
+    assert chosen["poisson"] == 1
+    assert run_pipeline(digits, tiny()).stages[1].details["poisson"] == 0

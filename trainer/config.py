@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
 Device = Literal["auto", "cpu", "cuda"]
 SpreadingSpace = Literal["auto", "inputs", "embeddings"]
+SpreadingMethod = Literal["auto", "spreading", "poisson"]
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
@@ -74,6 +75,10 @@ class SpreadingConfig(_Section):
         "reaches (a class nobody has labelled yet) get flat targets and head the labelling "
         "queue; 0.01 suits a handful of labels that may miss classes, and costs accuracy "
         "once every class has some")
+    method: SpreadingMethod = Field(
+        default="auto", description="spreading (Zhou et al.) or poisson (Calder et al.); auto: "
+        "poisson when the classes have fewer than two labels each to train on, where it wins "
+        "(docs/training.md)")
     first_space: SpreadingSpace = Field(
         default="auto", description="what the first round spreads over; auto: the pixels of small "
         "images when the backbone starts untrained, else the backbone's embeddings")

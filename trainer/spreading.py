@@ -55,6 +55,7 @@ def spread_labels(
     alpha: float,
     gamma: float = EMBEDDING_GAMMA,
     unreached_prior: float = 0.0,
+    method: str = "spreading",
 ) -> PseudoLabels:
     """Spread `labels` over a kNN graph of all features, edges weighted sim**gamma; returns the
     unlabeled pool's pseudo-labels."""
@@ -63,7 +64,7 @@ def spread_labels(
     features = np.concatenate([labeled_features, unlabeled_features]).astype(np.float32)
     seeds = np.concatenate([labels, np.full(len(unlabeled_features), -1)])
     neighbours = min(n_neighbors, len(features) - 1)
-    model = LabelSpreading(n_neighbors=neighbours, alpha=alpha, gamma=gamma,
+    model = LabelSpreading(n_neighbors=neighbours, alpha=alpha, gamma=gamma, method=method,
                            classes=np.arange(num_classes))
     model.fit(features, seeds)
     pool = slice(len(labels), None)
@@ -105,10 +106,12 @@ class LabelSpreadingRound:
         on_inputs = self.index == 1 and _first_round_on_inputs(state)
         labeled, pool = _features(state, on_inputs)
         settings = state.config.spreading
+        method = spreading_method(settings.method, len(state.labels), len(state.dataset.classes))
         pseudo = spread_labels(
             labeled, state.labels.cpu().numpy(), pool, len(state.dataset.classes),
             settings.neighbors, settings.alpha,
             settings.pixel_gamma if on_inputs else EMBEDDING_GAMMA, settings.unreached_prior,
+            method,
         )
         device = state.runtime.device
         train_on_pseudo_labels(
@@ -119,11 +122,22 @@ class LabelSpreadingRound:
         )
         state.pseudo = pseudo
         details = {"mean_confidence": float(pseudo.confidence.mean()),
+                   "poisson": float(method == "poisson"),
                    "spread_on_inputs": float(on_inputs)}
         if state.dataset.unlabeled_truth is not None:
             details["pseudo_label_accuracy"] = float(
                 np.mean(pseudo.labels == state.dataset.unlabeled_truth))
         return details
+
+
+def spreading_method(method: str, labels: int, classes: int) -> str:
+    """`auto`: Poisson learning below two training labels per class. Over pixels, 3 splits of
+    Fashion-MNIST at one label per class: Poisson 57.2% (worst 55.0%), spreading 52.8% (46.0%);
+    at two they tie (62.6% / 62.2%), and on digits spreading is ahead from three (91.3% /
+    88.6%, 5 splits)."""
+    if method != "auto":
+        return method
+    return "poisson" if labels < 2 * classes else "spreading"
 
 
 def _first_round_on_inputs(state: TrainingState) -> bool:
