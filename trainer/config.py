@@ -132,7 +132,7 @@ class TrainConfig(BaseSettings):
         None, description="wall time for the stages, e.g. 20m or 1h: their steps are scaled to "
         "fill it, measured on this machine, and the plan printed before training")
     rollback: bool = Field(True, description="undo a stage that lowers the held-out criterion "
-                           "(held-out labels + the first spreading round's surest pseudo-labels)")
+                           "(held-out labels + the latest spreading round's surest pseudo-labels)")
     pretrain: PretrainConfig = PretrainConfig()
     supervised: SupervisedConfig = SupervisedConfig()
     spreading: SpreadingConfig = SpreadingConfig()

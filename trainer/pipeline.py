@@ -116,7 +116,8 @@ def run_pipeline(
 
 def run_stages(stages: list[Stage], state: TrainingState, held_out: ImageSet) -> list[StageResult]:
     """Run each stage that has a budget; once the pool has pseudo-labels, judge each on the
-    held-out criterion and roll back those that lower it (`trainer.criterion`)."""
+    held-out criterion of the latest spreading round and roll back those that lower it
+    (`trainer.criterion`)."""
     results: list[StageResult] = []
     criterion: Criterion | None = None
     for stage in stages:
@@ -124,7 +125,7 @@ def run_stages(stages: list[Stage], state: TrainingState, held_out: ImageSet) ->
             continue
         before = Snapshot.of(state)
         result = run_stage(stage, state, steps)
-        if criterion is None and state.pseudo is not None:
+        if state.pseudo is not None and state.pseudo is not before.pseudo:
             criterion = Criterion.anchored(held_out, state)
         if criterion is not None and state.config.rollback:
             verdict = judge(criterion, before, state)
