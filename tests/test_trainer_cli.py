@@ -50,6 +50,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        model_dir=root)
     assert result.returncode == 0, result.stderr
     assert f"published digits:1 to {root / 'digits' / '1'}" in result.stdout
+    assert "image size 8x8 (the set's native size)" in result.stdout
     assert "digits:test: accuracy" in result.stdout
     return root
 
@@ -62,6 +63,7 @@ def test_fit_publishes_a_complete_artifact(store: Path) -> None:
     assert (manifest.input.height, manifest.input.width, manifest.input.channels) == (8, 8, 1)
     assert manifest.metrics.split == "digits:test" and manifest.metrics.n_test == 450
     assert manifest.training.labelled == 50 and manifest.training.pseudo_labelled > 1000
+    assert manifest.training.backbone == "resnet20"  # what `auto` built for 8x8 on a CPU
     assert manifest.training.stages == ("supervised", "label-spreading-1", "label-spreading-2",
                                         "fixmatch")
     assert 0 <= manifest.entropy_threshold <= 1

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from models.preprocessing import preprocess
-from trainer.data import load_dataset
+from trainer.data import FOLDER_SIZE_CAP, folder_image_size, load_dataset
 from trainer.errors import DataError
+from trainer.network import trained_image_size
 from trainer.pipeline import split_held_out
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP"}
@@ -27,16 +28,21 @@ def write_image(path: Path, mode: str, seed: int, size: tuple[int, int] = (20, 1
     return path
 
 
-def image_folder(root: Path, mode: str = "RGB", per_class: int = 3) -> Path:
-    """labeled/{cat,dog}/, unlabeled/, test/{cat,dog}/ in every format that keeps `mode`."""
-    suffixes = [s for s in FORMATS if mode == "RGB" or s != "webp"]  # WebP stores no greyscale
+def image_folder(root: Path, mode: str = "RGB", per_class: int = 3,
+                 size: tuple[int, int] = (20, 14), suffixes: tuple[str, ...] = ()) -> Path:
+    """labeled/{cat,dog}/, unlabeled/, test/{cat,dog}/ of `size` images, in `suffixes` or every
+    format that keeps `mode`."""
+    # WebP stores no greyscale
+    suffixes = suffixes or tuple(s for s in FORMATS if mode == "RGB" or s != "webp")
     for c, name in enumerate(("cat", "dog")):
         for i in range(per_class):
             suffix = suffixes[i % len(suffixes)]
-            write_image(root / "labeled" / name / f"{i}.{suffix}", mode, 10 * c + i)
-        write_image(root / "test" / name / f"t.{suffixes[c]}", mode, 100 + c)
+            write_image(root / "labeled" / name / f"{i}.{suffix}", mode, 10 * c + i, size)
+        write_image(root / "test" / name / f"t.{suffixes[c % len(suffixes)]}", mode, 100 + c,
+                    size)
     for i in range(4):
-        write_image(root / "unlabeled" / f"u{i}.{suffixes[i % len(suffixes)]}", mode, 200 + i)
+        write_image(root / "unlabeled" / f"u{i}.{suffixes[i % len(suffixes)]}", mode, 200 + i,
+                    size)
     return root
 
 
@@ -117,3 +123,33 @@ def test_held_out_slice_rounds_down_and_keeps_two_labels_per_class_for_training(
         train, held_out = split_held_out(labeled, 0.2, seed=0)
         assert np.bincount(train.labels, minlength=10).tolist() == [trained] * 10
         assert np.bincount(held_out.labels, minlength=10).tolist() == [held] * 10
+
+
+def test_a_folder_of_8x8_pngs_is_loaded_at_8_not_blown_up(tmp_path: Path) -> None:
+    dataset = load_dataset(str(image_folder(tmp_path, "L", size=(8, 8), suffixes=("png",))),
+                           progress=False)
+    assert (dataset.spec.height, dataset.spec.width) == (8, 8)
+    assert dataset.labeled.images.shape[2:] == (8, 8)
+    assert dataset.size_reason == "median of the images' shorter side"
+
+
+def test_large_images_are_shrunk_to_the_cap_and_image_size_overrides(tmp_path: Path) -> None:
+    root = image_folder(tmp_path, size=(100, 80))
+    capped = load_dataset(str(root), progress=False)
+    assert capped.spec.height == capped.spec.width == FOLDER_SIZE_CAP < 80
+    assert "median shorter side, 80, capped" in capped.size_reason
+    given = load_dataset(str(root), image_size=24, progress=False)
+    assert given.labeled.images.shape[2:] == (24, 24) and given.size_reason == "--image-size"
+    pretrained = load_dataset(str(root), trained_size=96, progress=False)
+    assert pretrained.spec.height == 96 and "weights were trained at" in pretrained.size_reason
+
+
+def test_pretrained_weights_size_a_folder_at_their_training_size(tmp_path: Path) -> None:
+    files = sorted((image_folder(tmp_path, size=(100, 80)) / "unlabeled").iterdir())
+    assert folder_image_size(files, trained_image_size("imagenet"))[0] == 224
+    assert folder_image_size(files, trained_image_size("none"))[0] == FOLDER_SIZE_CAP
+
+
+def test_built_in_sets_keep_their_native_size_whatever_the_weights() -> None:
+    dataset = load_dataset("digits", trained_size=224, progress=False)
+    assert dataset.spec.height == 8 and dataset.size_reason == "the set's native size"

@@ -18,7 +18,15 @@ from trainer.criterion import surest
 from trainer.data import Dataset, load_dataset
 from trainer.errors import DataError, ExportError, WeightsError
 from trainer.export import check_parity, export_onnx
-from trainer.network import Architecture, build_classifier, save_checkpoint
+from trainer.network import (
+    Architecture,
+    ProbabilitiesAndEntropy,
+    build_classifier,
+    choose_backbone,
+    classifier_from_checkpoint,
+    save_checkpoint,
+    trained_image_size,
+)
 from trainer.optimise import predict
 from trainer.pipeline import run_pipeline
 from trainer.publish import export_and_publish
@@ -142,6 +150,43 @@ def test_missing_imagenet_weights_say_where_to_put_them(
         build_classifier(architecture, "imagenet")
     with pytest.raises(WeightsError, match="not found"):
         build_classifier(architecture, str(tmp_path / "nope.pt"))
+    with pytest.raises(WeightsError, match="no ImageNet weights for resnet20"):
+        build_classifier(architecture.model_copy(update={"backbone": "resnet20"}), "imagenet")
+
+
+def test_narrow_resnet_trains_exports_and_rebuilds_from_its_checkpoint(
+    digits: Dataset, tmp_path: Path
+) -> None:
+    trained = run_pipeline(digits, tiny(backbone="resnet20", **NO_SPREADING))
+    classifier = trained.classifier.eval()
+    assert classifier.architecture.backbone == "resnet20" and classifier.feature_dim == 64
+    untrained = build_classifier(classifier.architecture)
+    assert not torch.equal(untrained.head.weight, classifier.head.weight)
+    onnx_path = export_onnx(classifier, digits.spec, tmp_path / "model.onnx")
+    images = np.ascontiguousarray(digits.labeled.images[:8])
+    assert check_parity(onnx_path, classifier, images) <= 1e-4
+    save_checkpoint(classifier, tmp_path / "weights.pt")
+    rebuilt = classifier_from_checkpoint(tmp_path / "weights.pt").eval()
+    with torch.no_grad():
+        for ours, theirs in zip(ProbabilitiesAndEntropy(rebuilt)(torch.as_tensor(images)),
+                                ProbabilitiesAndEntropy(classifier)(torch.as_tensor(images)),
+                                strict=True):
+            torch.testing.assert_close(ours, theirs)
+    assert trained_image_size(str(tmp_path / "weights.pt")) == 8
+
+
+def test_auto_backbone_is_narrow_only_for_small_images_from_scratch_on_a_cpu(
+    tmp_path: Path,
+) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_backbone("auto", "none", 8, cpu) == "resnet20"
+    assert choose_backbone("auto", "none", 224, cpu) == "resnet18"
+    assert choose_backbone("auto", "none", 8, cuda) == "resnet18"
+    assert choose_backbone("auto", "imagenet", 8, cpu) == "resnet18"
+    assert choose_backbone("resnet34", "none", 8, cpu) == "resnet34"
+    architecture = Architecture(backbone="resnet50", num_classes=2, in_channels=3, image_size=32)
+    save_checkpoint(build_classifier(architecture), tmp_path / "weights.pt")
+    assert choose_backbone("auto", str(tmp_path / "weights.pt"), 8, cpu) == "resnet50"
 
 
 def test_untrained_backbone_spreads_first_over_pixels(digits: Dataset) -> None:

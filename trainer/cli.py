@@ -82,7 +82,8 @@ def fit(
     labels_per_class: LabelsPerClassOption = None,
     labeled_fraction: LabeledFractionOption = None,
     image_size: Annotated[int | None, typer.Option(
-        min=8, help="input side in pixels (default: digits 8, fashion-mnist 28, folders 32)")
+        min=8, help="input side in pixels (default: digits 8, fashion-mnist 28; a folder: the "
+        "weights' training size, else its images' median shorter side, capped)")
     ] = None,
     if_empty: Annotated[bool, typer.Option(
         "--if-empty", help="train only if the repository has no version of NAME")] = False,
@@ -100,6 +101,7 @@ def fit(
                           "skipping training (--if-empty)")
             return
         from trainer.data import load_dataset
+        from trainer.network import trained_image_size
         from trainer.pipeline import run_pipeline
         from trainer.publish import export_and_publish
         from trainer.runtime import stop_runtime
@@ -107,10 +109,13 @@ def fit(
         dataset = load_dataset(data, labels_per_class=labels_per_class,
                                labeled_fraction=labeled_fraction, seed=config.seed,
                                data_dir=data_dir, image_size=image_size,
+                               trained_size=trained_image_size(config.weights),
                                progress=config.progress)
         console.print(f"data {dataset.source}: {len(dataset.labeled)} labeled, "
                       f"{len(dataset.unlabeled)} unlabeled, "
                       f"{len(dataset.test) if dataset.test else 0} test images")
+        console.print(f"image size {dataset.spec.height}x{dataset.spec.width} "
+                      f"({dataset.size_reason})")
         try:
             trained = run_pipeline(dataset, config)
             if trained.runtime.is_main:

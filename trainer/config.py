@@ -14,8 +14,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The backbones `trainer.network.build_backbone` can build (torchvision's names).
-Backbone = Literal["resnet18", "resnet34", "resnet50"]
+# The backbones `trainer.network.build_backbone` can build: He et al.'s CIFAR ResNet-20, narrow
+# enough for small images on a CPU, and torchvision's ResNets, which have ImageNet weights.
+Backbone = Literal["resnet20", "resnet18", "resnet34", "resnet50"]
+BackboneChoice = Literal["auto", Backbone]
 Device = Literal["auto", "cpu", "cuda"]
 SpreadingSpace = Literal["auto", "inputs", "embeddings"]
 SpreadingMethod = Literal["auto", "spreading", "poisson"]
@@ -116,7 +118,9 @@ class TrainConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HALFLABEL_TRAIN_", env_nested_delimiter="_",
                                       env_nested_max_split=1, frozen=True, extra="forbid")
 
-    backbone: Backbone = Field("resnet18", description="the network's ResNet backbone")
+    backbone: BackboneChoice = Field(
+        "auto", description="the network's ResNet; auto: resnet20 for small images trained "
+        "from scratch on a CPU, the weights' own with a checkpoint, else resnet18")
     weights: str = Field("none", description="imagenet, a checkpoint PATH, or none")
     device: Device = Field("auto", description="auto uses CUDA when PyTorch sees a GPU")
     seed: int = Field(0, description="seed for the label split and training")

@@ -10,7 +10,7 @@ import gzip
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,10 @@ FASHION_MNIST_CLASSES = (
 DIGITS_TEST_FRACTION = 0.25
 # Without a budget, built-in sets keep this many labels per class (the rest is unlabeled).
 DEFAULT_LABELS_PER_CLASS = {"digits": 5, "fashion-mnist": 10}
-DEFAULT_FOLDER_SIZE = 32
+# Without pretrained weights a folder keeps its images' typical side up to this: past it a
+# CPU fit slows by the square of the side, and small-image networks gain little.
+FOLDER_SIZE_CAP = 64
+SIZE_SAMPLE = 200  # images whose sides set a folder's input size, evenly spaced over it
 # ImageNet statistics, so pretrained weights see the inputs they were trained on.
 RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_STATS = (0.449, 0.226)
@@ -69,6 +72,7 @@ class Dataset:
     test: ImageSet | None = None
     unlabeled_truth: np.ndarray | None = None
     skipped: tuple[str, ...] = ()
+    size_reason: str = "the set's native size"  # why the inputs are spec.height x spec.width
 
     def fingerprint(self) -> str:
         """sha256 over the training inputs and labels."""
@@ -86,14 +90,17 @@ def load_dataset(
     seed: int = 0,
     data_dir: Path | None = None,
     image_size: int | None = None,
+    trained_size: int | None = None,
     spec: InputSpec | None = None,
     progress: bool = True,
 ) -> Dataset:
     """Load `digits`, `fashion-mnist` or an image folder, keeping a seeded label budget.
 
     The budget picks `labels_per_class` (or `labeled_fraction`) of the training labels; the rest
-    of the training split becomes unlabeled. The test split is never touched. `spec` replaces
-    the source's own input spec (to evaluate a published model on its own terms).
+    of the training split becomes unlabeled. The test split is never touched. Images are
+    `image_size` pixels a side when given; else built-in sets keep their own and a folder's
+    are sized by `folder_image_size` (`trained_size`: the side pretrained weights saw). `spec`
+    replaces the source's own input spec (to evaluate a published model on its own terms).
     """
     if labels_per_class is not None and labeled_fraction is not None:
         raise DataError("give either --labels-per-class or --labeled-fraction, not both")
@@ -101,17 +108,43 @@ def load_dataset(
         labels_per_class = labels_per_class or DEFAULT_LABELS_PER_CLASS.get(source)
     budget = _Budget(labels_per_class, labeled_fraction, seed)
     if source == "digits":
-        return _load_digits(budget, spec or _grey_spec(image_size or 8, DIGITS_STATS), progress)
-    if source == "fashion-mnist":
-        return _load_fashion_mnist(budget, data_dir or FASHION_MNIST_DIR,
-                                   spec or _grey_spec(image_size or 28, FASHION_STATS), progress)
-    path = Path(source)
-    if not path.is_dir():
+        dataset = _load_digits(budget, spec or _grey_spec(image_size or 8, DIGITS_STATS), progress)
+    elif source == "fashion-mnist":
+        dataset = _load_fashion_mnist(budget, data_dir or FASHION_MNIST_DIR,
+                                      spec or _grey_spec(image_size or 28, FASHION_STATS),
+                                      progress)
+    elif Path(source).is_dir():
+        dataset = _load_folder(Path(source), budget, spec, image_size, trained_size, progress)
+    else:
         raise DataError(
             f"data {source!r} is neither a built-in set ({', '.join(BUILT_IN)}) nor a folder; "
             "give one of those or a folder with labeled/<class>/ images"
         )
-    return _load_folder(path, budget, image_size or DEFAULT_FOLDER_SIZE, spec, progress)
+    if spec is not None:
+        return replace(dataset, size_reason="the given input spec")
+    if image_size is not None:
+        return replace(dataset, size_reason="--image-size")
+    return dataset  # sized by its source
+
+
+def folder_image_size(files: Sequence[Path], trained_size: int | None) -> tuple[int, str]:
+    """The side a folder's images are resized to, and why: the side pretrained weights were
+    trained at, else the median shorter side of a sample of the images, at most
+    FOLDER_SIZE_CAP (photos shrink; 8x8 digits are not blown up 16-fold)."""
+    if trained_size is not None:
+        return trained_size, "the size the weights were trained at"
+    sides = []
+    for path in files[::max(1, len(files) // SIZE_SAMPLE)]:
+        try:
+            with Image.open(path) as image:  # reads the header, not the pixels
+                sides.append(min(image.size))
+        except (OSError, SyntaxError, ValueError):
+            continue  # unreadable: the reader reports it
+    median = int(np.median(sides)) if sides else FOLDER_SIZE_CAP
+    if median > FOLDER_SIZE_CAP:
+        return FOLDER_SIZE_CAP, (f"the images' median shorter side, {median}, capped at "
+                                 f"{FOLDER_SIZE_CAP} without pretrained weights")
+    return median, "median of the images' shorter side"
 
 
 def _grey_spec(size: int, stats: tuple[float, float]) -> InputSpec:
@@ -234,7 +267,8 @@ def _load_fashion_mnist(
 
 
 def _load_folder(
-    root: Path, budget: _Budget, size: int, spec: InputSpec | None, progress: bool
+    root: Path, budget: _Budget, spec: InputSpec | None, image_size: int | None,
+    trained_size: int | None, progress: bool,
 ) -> Dataset:
     labeled_dir = root / "labeled"
     classes = tuple(sorted(p.name for p in labeled_dir.iterdir() if p.is_dir())) if (
@@ -249,7 +283,13 @@ def _load_folder(
     test_files = [(f, classes.index(c.name)) for c in _subdirs(test_dir) if c.name in classes
                   for f in _files(c)]
     unlabeled_files = [(f, -1) for f in _files(root / "unlabeled")]
-    spec = spec or _folder_spec([f for f, _ in labeled_files + unlabeled_files], size)
+    pool_files = [f for f, _ in labeled_files + unlabeled_files]
+    size_reason = ""  # load_dataset names the spec or size it was given
+    if spec is None:
+        size = image_size
+        if size is None:
+            size, size_reason = folder_image_size(pool_files, trained_size)
+        spec = _folder_spec(pool_files, size)
 
     reader = _FolderReader(spec, progress)
     pool = reader.read(labeled_files, "labeled")
@@ -269,6 +309,7 @@ def _load_folder(
         test=test,
         unlabeled_truth=np.concatenate([pool.labels[rest], extra.labels]),
         skipped=tuple(reader.skipped),
+        size_reason=size_reason,
     )
 
 

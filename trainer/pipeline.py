@@ -41,7 +41,7 @@ from trainer.config import TrainConfig
 from trainer.criterion import Criterion, Snapshot, judge
 from trainer.data import Dataset, ImageSet
 from trainer.fixmatch import FixMatchRefinement
-from trainer.network import Architecture, Classifier, build_classifier
+from trainer.network import Architecture, Classifier, build_classifier, choose_backbone
 from trainer.optimise import predict
 from trainer.runtime import Runtime, start_runtime
 from trainer.simclr import SimCLRPretraining
@@ -147,11 +147,13 @@ def run_stage(stage: Stage, state: TrainingState, steps: int) -> StageResult:
 
 def _start(dataset: Dataset, config: TrainConfig, runtime: Runtime,
            train: ImageSet) -> TrainingState:
-    architecture = Architecture(
-        backbone=config.backbone, num_classes=len(dataset.classes),
-        in_channels=dataset.spec.channels, image_size=min(dataset.spec.height, dataset.spec.width),
-    )
     device = runtime.device
+    image_size = min(dataset.spec.height, dataset.spec.width)
+    architecture = Architecture(
+        backbone=choose_backbone(config.backbone, config.weights, image_size, device),
+        num_classes=len(dataset.classes), in_channels=dataset.spec.channels,
+        image_size=image_size,
+    )
     return TrainingState(
         dataset, config, runtime, build_classifier(architecture, config.weights).to(device),
         images=torch.as_tensor(train.images, device=device),

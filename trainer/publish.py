@@ -157,7 +157,7 @@ def _training_summary(trained: TrainedModel, feedback: int,
         feedback=feedback,
         feedback_snapshot=str(feedback_snapshot) if feedback_snapshot is not None else None,
         data=dataset.source, data_fingerprint=dataset.fingerprint(), seed=config.seed,
-        backbone=config.backbone, stages=trained.stage_names,
+        backbone=trained.classifier.architecture.backbone, stages=trained.stage_names,
     )
 
 
