@@ -83,6 +83,10 @@ class ManifestDraft(_Strict):
     entropy_threshold: float = Field(
         ge=0, le=1, description="Normalized entropy above which an input is queued for labelling"
     )
+    queue_share: float | None = Field(
+        default=None, gt=0, lt=1, description="The trainer's target share of inputs to queue: "
+        "entropy_threshold is the (1 - share) quantile of the normalized entropies of its "
+        "unlabeled pool. None in manifests from before it was recorded")
     training: TrainingSummary
     parent_version: int | None = Field(default=None, ge=1)
 

@@ -33,6 +33,21 @@ def test_manifest_round_trips_through_json(model_repo: ModelRepository) -> None:
     assert manifest.onnx_sha256 == sha256_file(model_repo.root / "tiny" / "1" / "model.onnx")
 
 
+def test_the_queue_share_round_trips_and_a_manifest_from_before_it_loads(
+    model_repo: ModelRepository, tmp_path: Path,
+) -> None:
+    onnx_file = tiny_onnx_model(tmp_path / "shared.onnx")
+    published = model_repo.publish("tiny", onnx_file, tiny_draft().model_copy(
+        update={"queue_share": 0.25}))
+    assert model_repo.resolve("tiny", published.manifest.version).manifest.queue_share == 0.25
+    path = model_repo.root / "tiny" / "1" / "manifest.json"
+    document = json.loads(path.read_text())
+    del document["queue_share"]  # as written before the field existed
+    path.write_text(json.dumps(document))
+    old = model_repo.resolve("tiny", 1).manifest
+    assert old.queue_share is None and old.entropy_threshold == 0.5
+
+
 def test_committed_json_schema_is_current() -> None:
     assert json.loads(SCHEMA_FILE.read_text()) == manifest_json_schema(), (
         "docs/manifest.schema.json is stale: run 'python -m models.schema'"

@@ -22,7 +22,13 @@ from models.labels import LabelStore
 from models.queue import Guess, LabellingQueue, TaskRecord
 from models.repository import Artifact, ModelRepository
 from trainer.config import TrainConfig
-from trainer.retrain import latest_snapshot, original_data, retrain, take_snapshot
+from trainer.retrain import (
+    inherit,
+    latest_snapshot,
+    original_data,
+    retrain,
+    take_snapshot,
+)
 
 TINY_TRAINING = {"supervised": {"steps": 10}, "pseudo": {"steps": 0},
                  "spreading": {"enabled": False}, "threads": 1, "progress": False,
@@ -224,3 +230,15 @@ def test_labels_stay_unacknowledged_when_the_snapshot_cannot_be_written(
         take_snapshot(store, tmp_path)
     assert latest_snapshot(tmp_path).version == 0
     assert len(store.unacknowledged("next-run")) == 2
+
+
+def test_retrain_keeps_the_parents_queue_share_unless_one_is_set(
+    model_repo: ModelRepository,
+) -> None:
+    parent = model_repo.resolve("tiny").manifest.model_copy(update={"queue_share": 0.25})
+    assert inherit(TrainConfig(), parent).calibration.queue_share == 0.25
+    chosen = TrainConfig(calibration={"queue_share": 0.05})
+    assert inherit(chosen, parent).calibration.queue_share == 0.05
+    from_before = parent.model_copy(update={"queue_share": None})
+    default = TrainConfig().calibration.queue_share
+    assert inherit(TrainConfig(), from_before).calibration.queue_share == default

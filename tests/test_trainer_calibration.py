@@ -1,16 +1,21 @@
-"""Temperature scaling, ECE and the entropy-threshold rule on synthetic data with known answers."""
+"""Temperature scaling, ECE, the entropy threshold and its held-out check on synthetic data with
+known answers."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from trainer.calibration import (
-    choose_entropy_threshold,
+    check_threshold,
     expected_calibration_error,
     fit_temperature,
     normalized_entropy,
+    queue_threshold,
     softmax,
 )
+from trainer.config import TrainConfig
 
 
 def overconfident_logits(
@@ -49,28 +54,58 @@ def test_ece_of_perfectly_calibrated_predictions_is_near_zero() -> None:
     assert abs(always_wrong - confidence.mean()) < 1e-9
 
 
-def test_threshold_keeps_the_unqueued_inputs_at_the_target_accuracy() -> None:
-    # Ten inputs, all guessed class 0 with rising entropy; the last three are wrong.
-    confident = np.linspace(0.99, 0.55, 10)
-    probabilities = np.stack([confident, 1 - confident], axis=1)
-    labels = np.array([0] * 7 + [1] * 3)
-    threshold = choose_entropy_threshold(probabilities, labels, target_accuracy=1.0,
-                                         min_queue_fraction=0.0)
-    entropy = normalized_entropy(probabilities)
-    assert threshold == entropy[6]
-    kept = entropy <= threshold
-    assert np.all(probabilities[kept].argmax(axis=1) == labels[kept])
+def pool_probabilities(n: int, seed: int) -> np.ndarray:
+    """Softmax over 10 classes of logits of varied sharpness: sure inputs and unsure ones."""
+    rng = np.random.default_rng(seed)
+    return softmax(rng.normal(0, 1, (n, 10)) * rng.uniform(0.5, 8, (n, 1)))
 
 
-def test_threshold_queues_at_least_the_minimum_fraction() -> None:
-    confident = np.linspace(0.99, 0.6, 20)
-    probabilities = np.stack([confident, 1 - confident], axis=1)
-    labels = np.zeros(20, dtype=int)
-    threshold = choose_entropy_threshold(probabilities, labels, target_accuracy=0.9,
-                                         min_queue_fraction=0.25)
-    assert np.mean(normalized_entropy(probabilities) > threshold) >= 0.25
+@pytest.mark.parametrize("share", [0.05, 0.1, 0.3])
+def test_threshold_queues_the_target_share_of_the_pool_and_of_inputs_like_it(
+    share: float,
+) -> None:
+    pool = pool_probabilities(5000, seed=0)
+    threshold = queue_threshold(pool, share)
+    assert abs(np.mean(normalized_entropy(pool) > threshold) - share) <= 1 / len(pool)
+    traffic = normalized_entropy(pool_probabilities(5000, seed=1))
+    assert abs(np.mean(traffic > threshold) - share) < 0.025
 
 
-def test_threshold_is_zero_when_even_the_surest_input_is_wrong() -> None:
-    probabilities = np.array([[0.9, 0.1], [0.6, 0.4]])
-    assert choose_entropy_threshold(probabilities, np.array([1, 1]), 0.95, 0.1) == 0.0
+def held_out_guessed(right: int, wrong: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sure held-out inputs, all guessed class 0: `right` of them labelled 0, `wrong` 1."""
+    probabilities = np.tile([0.99] + [0.01 / 9] * 9, (right + wrong, 1))
+    return probabilities, np.array([0] * right + [1] * wrong)
+
+
+def test_the_check_scores_the_unqueued_held_out_inputs_against_the_pools_confidence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = pool_probabilities(2000, seed=0)
+    threshold = queue_threshold(pool, 0.1)
+    sure, labels = held_out_guessed(right=9, wrong=0)
+    unsure = np.full((1, 10), 0.1)  # uniform: above any threshold, so queued
+    check = check_threshold(np.vstack([sure, unsure]), np.append(labels, 3), threshold, pool)
+    unqueued_pool = pool[normalized_entropy(pool) <= threshold]
+    assert check.expected_accuracy == pytest.approx(unqueued_pool.max(axis=1).mean())
+    assert (check.held_out, check.unqueued, check.unqueued_accuracy) == (10, 9, 1.0)
+    assert check.queued_share == pytest.approx(0.1)
+    assert check.warning is None and not caplog.records
+
+
+def test_the_check_warns_when_the_unqueued_held_out_inputs_are_far_worse_than_expected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = np.tile([0.99] + [0.01 / 9] * 9, (100, 1))  # the model expects 99% right
+    one_wrong = check_threshold(*held_out_guessed(right=9, wrong=1), 0.5, pool)
+    assert one_wrong.unqueued_accuracy == 0.9 and one_wrong.warning is None
+    three_wrong = check_threshold(*held_out_guessed(right=7, wrong=3), 0.5, pool)
+    assert three_wrong.unqueued_accuracy == pytest.approx(0.7)
+    assert three_wrong.warning is not None and "7 of the 10" in three_wrong.warning
+    assert [r.getMessage() for r in caplog.records] == [three_wrong.warning]
+
+
+def test_the_queue_share_is_a_share_strictly_between_0_and_1() -> None:
+    assert TrainConfig(calibration={"queue_share": 0.25}).calibration.queue_share == 0.25
+    for bad in (0, 1, -0.1, 1.5):
+        with pytest.raises(ValidationError, match="queue_share"):
+            TrainConfig(calibration={"queue_share": bad})

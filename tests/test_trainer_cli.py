@@ -52,6 +52,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert f"published digits:1 to {root / 'digits' / '1'}" in result.stdout
     assert "image size 8x8 (the set's native size)" in result.stdout
     assert "digits:test: accuracy" in result.stdout
+    assert "queues 10% of the pool" in result.stdout and "held-out check:" in result.stdout
     return root
 
 
@@ -67,6 +68,7 @@ def test_fit_publishes_a_complete_artifact(store: Path) -> None:
     assert manifest.training.stages == ("supervised", "label-spreading-1", "label-spreading-2",
                                         "fixmatch")
     assert 0 <= manifest.entropy_threshold <= 1
+    assert manifest.queue_share == TrainConfig().calibration.queue_share
     for extra in ("report.json", "weights.pt", "confusion_matrix.png", "reliability.png",
                   "accuracy_by_stage.png"):
         assert (artifact.path / extra).stat().st_size > 0, extra
@@ -202,6 +204,17 @@ def test_flags_win_over_variables_which_win_over_defaults() -> None:
     assert bad.exit_code == 2
     message = " ".join(bad.output.replace("│", " ").split())
     assert "--spreading-alpha" in message and "HALFLABEL_TRAIN_SPREADING_ALPHA" in message
+
+
+@pytest.mark.parametrize("share", ["0", "1", "-0.1", "1.5"])
+def test_a_queue_share_outside_0_to_1_is_refused_naming_flag_and_variable(share: str) -> None:
+    probe = typer.Typer()
+    probe.command()(with_settings(show_config))
+    bad = CliRunner().invoke(probe, ["--calibration-queue-share", share])
+    assert bad.exit_code == 2
+    message = " ".join(bad.output.replace("│", " ").split())
+    assert "--calibration-queue-share" in message
+    assert "HALFLABEL_TRAIN_CALIBRATION_QUEUE_SHARE" in message
 
 
 def test_retrain_gate_settings_keep_their_names() -> None:

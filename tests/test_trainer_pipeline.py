@@ -15,7 +15,7 @@ from models.repository import ModelRepository
 from trainer import pipeline
 from trainer.config import TrainConfig
 from trainer.criterion import surest
-from trainer.data import Dataset, load_dataset
+from trainer.data import Dataset, ImageSet, load_dataset
 from trainer.errors import DataError, ExportError, WeightsError
 from trainer.export import check_parity, export_onnx
 from trainer.network import (
@@ -28,7 +28,7 @@ from trainer.network import (
     trained_image_size,
 )
 from trainer.optimise import predict
-from trainer.pipeline import run_pipeline
+from trainer.pipeline import calibrate, run_pipeline
 from trainer.publish import export_and_publish
 from trainer.spreading import LabelSpreadingRound, PseudoLabels
 from trainer.stage import TrainingState
@@ -90,6 +90,40 @@ def test_stages_that_need_unlabeled_images_name_the_empty_pool(digits: Dataset) 
         run_pipeline(empty, tiny(refine={"steps": 1}, **NO_SPREADING))
     supervised_only = run_pipeline(empty, tiny(**NO_SPREADING))
     assert supervised_only.stage_names == ("supervised",)
+    # No pool to take the threshold from: the held-out labels' entropies stand in for it.
+    assert supervised_only.calibration.threshold_from == "held-out labels"
+
+
+def pool_queued_share(classifier: torch.nn.Module, pool: np.ndarray, threshold: float) -> float:
+    """The share of `pool` the exported graph's entropy puts above `threshold`."""
+    with torch.no_grad():
+        _, entropy = ProbabilitiesAndEntropy(classifier)(torch.as_tensor(pool))
+    return float(np.mean(entropy.numpy() / np.log(10) > threshold))
+
+
+@pytest.mark.slow
+def test_the_threshold_queues_the_pool_share_whatever_the_held_out_labels(
+    digits: Dataset,
+) -> None:
+    # A network that learnt something (about 67% right on the test split), so that right and
+    # wrong held-out labels tell apart.
+    trained = run_pipeline(digits, tiny(supervised={"steps": 40}, learning_rate=0.01,
+                                        calibration={"queue_share": 0.2}, **NO_SPREADING))
+    held_out = trained.held_out
+    wrong = replace(held_out, labels=(held_out.labels + 1) % 10)
+    nothing = ImageSet(held_out.images[:0], held_out.labels[:0])
+    checks = []
+    for labels in (held_out, wrong, nothing):
+        calibration = calibrate(trained.classifier, labels, digits, trained.config,
+                                trained.runtime)
+        assert calibration.threshold_from == "pool" and calibration.queue_share == 0.2
+        queued = pool_queued_share(trained.classifier, digits.unlabeled,
+                                   calibration.entropy_threshold)
+        assert abs(queued - 0.2) < 0.005, labels
+        checks.append(calibration.check)
+    right, wrong_check, none = checks
+    assert right is not None and wrong_check is not None and none is None
+    assert right.unqueued_accuracy > wrong_check.unqueued_accuracy  # type: ignore[operator]
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from trainer.errors import DataError
 from trainer.settings import RepositorySettings, RetrainSettings
 
 if TYPE_CHECKING:
+    from trainer.pipeline import Calibration
     from trainer.retrain import RetrainResult
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -119,9 +120,17 @@ def fit(
         try:
             trained = run_pipeline(dataset, config)
             if trained.runtime.is_main:
+                _print_calibration(trained.calibration)
                 _print_published(export_and_publish(trained, repository, name))
         finally:
             stop_runtime()
+
+
+def _print_calibration(calibration: Calibration) -> None:
+    console.print(f"entropy threshold {calibration.entropy_threshold:.3f} queues "
+                  f"{calibration.queue_share:.0%} of the {calibration.threshold_from}")
+    if calibration.check is not None:
+        console.print(calibration.check.describe())
 
 
 def _print_published(artifact: Artifact) -> None:

@@ -101,15 +101,14 @@ class RefineConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    """Temperature scaling and the entropy threshold, on a held-out slice of the labels."""
+    """Temperature scaling on a held-out slice of the labels, and the entropy threshold."""
 
     fraction: float = Field(
         default=0.2, ge=0, lt=1, description="share of each class's labels held out for "
-        "calibration (rounded down, leaving at least two)")
-    target_confident_accuracy: float = Field(
-        default=0.95, gt=0, le=1, description="accuracy the inputs left unqueued must reach")
-    min_queue_fraction: float = Field(
-        default=0.1, ge=0, le=1, description="share of held-out inputs queued at the least")
+        "temperature scaling and the threshold's check (rounded down, leaving at least two)")
+    queue_share: float = Field(
+        default=0.1, gt=0, lt=1, description="share of inputs the service should queue for "
+        "labelling: the entropy threshold is the unlabeled pool's (1 - share) quantile")
 
 
 class TrainConfig(BaseSettings):

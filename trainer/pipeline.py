@@ -32,9 +32,11 @@ import torch
 
 from trainer.budget import plan
 from trainer.calibration import (
-    choose_entropy_threshold,
+    ThresholdCheck,
+    check_threshold,
     expected_calibration_error,
     fit_temperature,
+    queue_threshold,
     softmax,
 )
 from trainer.config import TrainConfig
@@ -65,11 +67,15 @@ def recipe(config: TrainConfig) -> list[Stage]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Temperature scaling's outcome on the held-out labeled slice."""
+    """Temperature scaling's outcome on the held-out labeled slice, and the entropy threshold
+    that queues `queue_share` of the `threshold_from` images (the unlabeled pool)."""
 
     temperature: float
     entropy_threshold: float
+    queue_share: float
+    threshold_from: str
     held_out: int
+    check: ThresholdCheck | None = None
     ece_before: float | None = None
     ece_after: float | None = None
     test_ece_before: float | None = None
@@ -108,7 +114,7 @@ def run_pipeline(
     if config.budget is not None:
         state.config = config = runtime.agree(plan(stages, state, config.budget).config)
     results = run_stages(stages, state, held_out)
-    calibration = calibrate(state.classifier, held_out, dataset.test, config, runtime)
+    calibration = calibrate(state.classifier, held_out, dataset, config, runtime)
     pseudo_labelled = len(state.pool) if state.pseudo is not None or config.refine.steps else 0
     return TrainedModel(state.classifier, dataset, config, held_out, calibration, results,
                         runtime, pseudo_labelled)
@@ -180,32 +186,43 @@ def split_held_out(labeled: ImageSet, fraction: float, seed: int) -> tuple[Image
             ImageSet(labeled.images[mask], labeled.labels[mask]))
 
 
-def calibrate(classifier: Classifier, held_out: ImageSet, test: ImageSet | None,
+def calibrate(classifier: Classifier, held_out: ImageSet, dataset: Dataset,
               config: TrainConfig, runtime: Runtime) -> Calibration:
-    """Fit the temperature on `held_out`, set it on `classifier`, and pick the entropy threshold."""
-    def logits_of(images: ImageSet) -> np.ndarray:
-        return predict(classifier, torch.as_tensor(images.images, device=runtime.device), runtime)
+    """Fit the temperature on `held_out` and set it on `classifier`, pick the entropy threshold
+    that queues `queue_share` of the unlabeled pool, and check it on `held_out`."""
+    def logits_of(images: np.ndarray) -> np.ndarray:
+        return predict(classifier, torch.as_tensor(images, device=runtime.device), runtime)
 
-    if len(held_out) == 0:
-        # Nothing held out: no temperature, and queue by a fixed rule instead.
-        return Calibration(temperature=1.0, entropy_threshold=0.5, held_out=0)
-    held_logits = logits_of(held_out)
-    temperature = fit_temperature(held_logits, held_out.labels)
+    held_logits = logits_of(held_out.images) if len(held_out) else None
+    temperature = 1.0 if held_logits is None else fit_temperature(held_logits, held_out.labels)
     classifier.set_temperature(temperature)
+    source, images = _threshold_reference(dataset, held_out)
+    reference = softmax(logits_of(images), temperature)
+    share = config.calibration.queue_share
+    calibration = Calibration(temperature, queue_threshold(reference, share), share, source,
+                              len(held_out))
+    if held_logits is None:  # nothing held out: no temperature, nothing to check against
+        return calibration
     before, after = softmax(held_logits), softmax(held_logits, temperature)
     test_ece: tuple[float | None, float | None] = (None, None)
-    if test is not None and len(test):
-        test_logits = logits_of(test)
-        test_ece = (expected_calibration_error(softmax(test_logits), test.labels),
-                    expected_calibration_error(softmax(test_logits, temperature), test.labels))
-    return Calibration(
-        temperature=temperature,
-        entropy_threshold=choose_entropy_threshold(
-            after, held_out.labels, config.calibration.target_confident_accuracy,
-            config.calibration.min_queue_fraction),
-        held_out=len(held_out),
+    if dataset.test is not None and len(dataset.test):
+        test_logits, test_labels = logits_of(dataset.test.images), dataset.test.labels
+        test_ece = (expected_calibration_error(softmax(test_logits), test_labels),
+                    expected_calibration_error(softmax(test_logits, temperature), test_labels))
+    return replace(
+        calibration,
+        check=check_threshold(after, held_out.labels, calibration.entropy_threshold, reference),
         ece_before=expected_calibration_error(before, held_out.labels),
         ece_after=expected_calibration_error(after, held_out.labels),
         test_ece_before=test_ece[0],
         test_ece_after=test_ece[1],
     )
+
+
+def _threshold_reference(dataset: Dataset, held_out: ImageSet) -> tuple[str, np.ndarray]:
+    """The images whose entropies set the threshold: the unlabeled pool, the inputs most like
+    what the service will see; without a pool, the held-out labels, else every label (which the
+    network trained on, so they look surer than new inputs and more of those get queued)."""
+    candidates = (("pool", dataset.unlabeled), ("held-out labels", held_out.images),
+                  ("labeled images", dataset.labeled.images))
+    return next((name, images) for name, images in candidates if len(images))

@@ -169,6 +169,7 @@ def _draft(trained: TrainedModel, metrics: Metrics, training: TrainingSummary,
         opset=OPSET,
         metrics=metrics,
         entropy_threshold=trained.calibration.entropy_threshold,
+        queue_share=trained.calibration.queue_share,
         training=training,
         parent_version=parent_version,
     )

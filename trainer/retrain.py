@@ -144,11 +144,17 @@ def original_data(
 
 
 def inherit(config: TrainConfig, parent: Manifest) -> TrainConfig:
-    """`config` with the parent's backbone and seed where neither a flag nor the environment
-    set them: its weights fit only its backbone, and its split follows its seed."""
+    """`config` with the parent's backbone, seed and queue share where neither a flag nor the
+    environment set them: its weights fit only its backbone, its split follows its seed, and
+    its share of inputs to queue is the operator's choice, not the trainer's."""
     inherited = {"backbone": parent.training.backbone, "seed": parent.training.seed}
-    return config.model_copy(update={key: value for key, value in inherited.items()
-                                     if key not in config.model_fields_set})
+    config = config.model_copy(update={key: value for key, value in inherited.items()
+                                       if key not in config.model_fields_set})
+    calibration = config.calibration
+    if parent.queue_share is None or "queue_share" in calibration.model_fields_set:
+        return config
+    return config.model_copy(update={
+        "calibration": calibration.model_copy(update={"queue_share": parent.queue_share})})
 
 
 def retrain(
