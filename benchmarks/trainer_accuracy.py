@@ -18,6 +18,7 @@ Prints each split, then the mean, standard deviation and worst split of every me
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import tempfile
@@ -50,10 +51,8 @@ Scores = dict[str, float]
 def halflabel(dataset: Dataset, config: TrainConfig) -> Scores:
     trained = run_pipeline(dataset, config)
     for stage in trained.stages:
-        verdict = "" if stage.verdict is None else (
-            f"; {'kept' if stage.kept else 'ROLLED BACK'}: {stage.verdict.reason}")
-        console.print(f"  {stage.name}: {stage.seconds:.0f} s, test {stage.test_accuracy:.2%}"
-                      f"{verdict}")
+        console.print(f"  {stage.name}: {stage.steps} steps, {stage.seconds:.0f} s, "
+                      f"test {stage.test_accuracy:.2%}")
     first_round = next(s for s in trained.stages if s.name.startswith("label-spreading"))
     with tempfile.TemporaryDirectory() as scratch:
         artifact = export_and_publish(trained, ModelRepository(Path(scratch)), "bench")
@@ -143,6 +142,8 @@ def main(
     """Print every method's test accuracy on each split, then their mean, spread and worst."""
     import torch  # after trainer, which sets OpenMP's wait policy before torch loads
 
+    logging.basicConfig(format="  %(message)s")
+    logging.getLogger("trainer").setLevel(logging.INFO)  # the budget's plan
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
                   f"torch {torch.__version__}, CUDA: "
                   f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
