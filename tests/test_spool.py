@@ -77,9 +77,9 @@ def test_workers_write_apart_and_a_restart_takes_over_what_no_worker_holds(tmp_p
 
 
 def test_a_root_serves_one_service_at_a_time(tmp_path: Path) -> None:
-    with held(tmp_path), pytest.raises(SpoolError, match="in use by another service process"):
-        with held(tmp_path):
-            pass
+    with (held(tmp_path), pytest.raises(SpoolError, match="in use by another service process"),
+          held(tmp_path)):
+        pass
     with held(tmp_path):
         pass
 
