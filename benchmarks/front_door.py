@@ -9,6 +9,8 @@ request, over loopback:
 - saturation: requests/s of `python -m service` under wrk, its CPU per request, and what is
   left of that beyond inference (raw CPU per image at the service's largest batch; the mean
   batch it formed is shown beside it, from `halflabel_batch_size`);
+- workers: the same saturation run on the service with `--workers` worker processes (its CPU
+  counts every worker), beside the one-process figure;
 - overload: `--overload-factor` times the saturating connections for `--overload-seconds`, from
   a small asyncio HTTP/1.1 client in this process (it records every request, which wrk and hey
   do not): goodput (200s per second), 503s and their p50/p99 latency, client timeouts,
@@ -179,7 +181,7 @@ def raw_cpu(artifact: Artifact, threads: int, batch: int, seconds: float) -> tup
 
 
 def report(raw: dict[int, tuple[float, float]], bare: Saturation, service: Saturation,
-           load: Overload, timeout_s: float) -> None:
+           load: Overload, timeout_s: float, workers: dict[int, Saturation]) -> None:
     table = Table(title="Front door (one PNG per request)")
     for column in ("figure", "value", "baseline / note"):
         table.add_column(column)
@@ -194,6 +196,11 @@ def report(raw: dict[int, tuple[float, float]], bare: Saturation, service: Satur
     table.add_row("service CPU per request", f"{service.cpu_ms:.3f} ms",
                   f"beyond inference {service.cpu_ms - best_cpu:.3f} ms (mean batch "
                   f"{service.mean_batch:.1f}); {service.server_cores:.2f} cores")
+    for count, run in workers.items():
+        table.add_row(f"service saturation, {count} workers", f"{run.rate:.0f} req/s",
+                      f"{run.rate / service.rate:.2f}x one process; CPU {run.cpu_ms:.3f} ms per "
+                      f"request (mean batch {run.mean_batch:.1f}), {run.server_cores:.2f} cores; "
+                      f"wrk {run.loadgen_cores:.2f} cores; {run.failures} failed")
     ok = load.count(200)
     table.add_row(f"overload goodput ({load.connections} conn., {load.seconds:g} s)",
                   f"{ok / load.seconds:.0f} req/s", f"{ok / load.seconds / service.rate:.0%} of "
@@ -229,6 +236,9 @@ def main(
     seconds: Annotated[float, typer.Option(help="Length of each saturation run")] = 10,
     overload_seconds: Annotated[float, typer.Option(help="Length of the overload run")] = 20,
     client_timeout: Annotated[float, typer.Option(help="Seconds before a client gives up")] = 10,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes of a second saturation run; 1: none")
+    ] = 2,
 ) -> None:
     """Measure and print the front-door figures."""
     repo = ModelRepository(model_dir)
@@ -254,7 +264,13 @@ def main(
             console.print(f"service at {overload_factor}x overload")
             load = overload(url, image, connections * overload_factor, overload_seconds,
                             client_timeout)
-    report(raw, bare, service, load, client_timeout)
+        several = {}
+        if workers > 1:
+            with start_service(artifact, threads, max_batch, workers) as (url, pid):
+                console.print(f"service with {workers} workers at saturation")
+                several[workers] = saturate(url, pid, image, connections, seconds,
+                                            url.replace("/v1/predict", "/metrics"))
+    report(raw, bare, service, load, client_timeout, several)
 
 
 if __name__ == "__main__":

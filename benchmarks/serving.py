@@ -152,33 +152,46 @@ def latencies_at(url: str, body: Path, content_type: str, rate: float, seconds: 
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds used so far by `pid` and its child processes (a service's workers)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
-def running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[int]:
-    """Start a server process, wait until `ready_url` answers, yield its pid, stop it."""
+def running(command: list[str], env: dict[str, str], ready_url: str,
+            ready_line: str | None = None) -> Iterator[int]:
+    """Start a server process, wait until `ready_url` answers (and it has printed `ready_line`),
+    yield its pid, stop it."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=log)
+                                   stdout=log, stderr=log)
         try:
-            _wait_until_up(process, log, ready_url)
+            _wait_until_up(process, log, ready_url, ready_line)
             yield process.pid
         finally:
             process.terminate()
             process.wait(timeout=30)
 
 
-def _wait_until_up(process: subprocess.Popen[bytes], log: IO[bytes], url: str) -> None:
+def _wait_until_up(process: subprocess.Popen[bytes], log: IO[bytes], url: str,
+                   line: str | None) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        log.seek(0)
+        output = log.read().decode()
         if process.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"the server for {url} exited: {log.read().decode()[-2000:]}")
+            raise RuntimeError(f"the server for {url} exited: {output[-2000:]}")
         with contextlib.suppress(httpx.HTTPError):
             # 501: the naive server answers GET with "not implemented", which proves it is up.
-            if httpx.get(url, timeout=1).status_code in (200, 501):
+            up = httpx.get(url, timeout=1).status_code in (200, 501)
+            if up and (line is None or line in output):
                 return
         time.sleep(0.2)
     raise RuntimeError(f"no answer from {url} within 120s")
@@ -232,10 +245,13 @@ def measure(
 
 
 @contextlib.contextmanager
-def start_service(artifact: Artifact, threads: int, max_batch: int) -> Iterator[tuple[str, int]]:
-    """`python -m service` on the artifact, batching up to `max_batch`; yields (URL, pid)."""
+def start_service(artifact: Artifact, threads: int, max_batch: int, workers: int = 1
+                  ) -> Iterator[tuple[str, int]]:
+    """`python -m service` on the artifact, batching up to `max_batch`, with `workers` worker
+    processes; yields (URL, pid) once every worker is up."""
     port = free_port()
     env = {
+        "HALFLABEL_WORKERS": str(workers),
         "HALFLABEL_MODEL_DIR": str(artifact.path.parent.parent),
         "HALFLABEL_MODEL_NAME": artifact.manifest.name,
         "HALFLABEL_MODEL_VERSION": str(artifact.manifest.version),
@@ -246,7 +262,8 @@ def start_service(artifact: Artifact, threads: int, max_batch: int) -> Iterator[
     }
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"]
-    with running(command, env, f"{url}/v2/health/ready") as pid:
+    # It prints how to get a prediction once every worker is up (the first answers readiness).
+    with running(command, env, f"{url}/v2/health/ready", ready_line="curl -s") as pid:
         yield f"{url}/v1/predict", pid
 
 

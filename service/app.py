@@ -14,17 +14,17 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
-from litestar import Litestar
+from litestar import Controller, Litestar, Response, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
-from prometheus_client import REGISTRY
+from litestar.plugins.prometheus import PrometheusConfig
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.queue import LabellingQueue
 from service.api import v1_router
 from service.gpu_metrics import gpu_metrics
 from service.labelling import QueueMetrics, labelling_router
-from service.metrics import client_gone_middleware, metrics_listener
+from service.metrics import EXPORTED, client_gone_middleware, metrics_listener
 from service.model_host import ModelHost
 from service.oip import v2_router
 from service.predictor import Predictor
@@ -40,9 +40,13 @@ REDIS_CLIENT_NAME = "halflabel-service"
 REQUEST_METRICS = PrometheusConfig(app_name="halflabel", prefix="halflabel", group_path=True)
 
 
-class MetricsController(PrometheusController):
+class MetricsController(Controller):
     path = "/metrics"
     guards = [requires_scope("admin")]
+
+    @get(sync_to_thread=False)
+    def metrics(self) -> Response[bytes]:
+        return Response(generate_latest(EXPORTED), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -75,14 +79,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         host.start()
-        REGISTRY.register(queue_metrics)
+        EXPORTED.register(queue_metrics)
         pusher.start()
         tasks = [asyncio.create_task(job) for job in (host.poll(), queue_metrics.refresh_forever())]
+        listener = metrics_listener(
+            settings.host, settings.metrics_port, shared=settings.workers > 1
+        )
         try:
-            with gpu_metrics(), metrics_listener(settings.host, settings.metrics_port):
+            with gpu_metrics(), listener:
                 yield
         finally:
-            REGISTRY.unregister(queue_metrics)
+            EXPORTED.unregister(queue_metrics)
             for task in tasks:
                 task.cancel()
             await pusher.close()

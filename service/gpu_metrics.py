@@ -11,9 +11,10 @@ import logging
 from collections.abc import Iterator
 from types import ModuleType
 
-from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from service.metrics import EXPORTED
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ def gpu_metrics() -> Iterator[GpuMetrics | None]:
         yield None
         return
     collector = GpuMetrics(nvml)
-    REGISTRY.register(collector)
+    EXPORTED.register(collector)
     try:
         yield collector
     finally:
-        REGISTRY.unregister(collector)
+        EXPORTED.unregister(collector)
         nvml.nvmlShutdown()
 
 

@@ -1,16 +1,41 @@
 """Prometheus metrics the service exports at `/metrics` (request counts and latency come from
 Litestar's Prometheus middleware, configured in `service.app`), and the listener that serves them
-without an API key on a port of their own."""
+without an API key on a port of their own.
+
+With several worker processes (service.workers sets PROMETHEUS_MULTIPROC_DIR before they start)
+prometheus_client keeps each process's samples in files there and `EXPORTED` sums them, so any
+worker answers for all; each gauge says how (`multiprocess_mode`). Collectors that read shared
+state at scrape time (the labelling queue, the GPUs) register on `EXPORTED` too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import threading
 from collections.abc import Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    multiprocess,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from models.errors import HalflabelError
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    EXPORTED = CollectorRegistry()
+    multiprocess.MultiProcessCollector(EXPORTED)  # type: ignore[no-untyped-call]
+else:
+    EXPORTED = REGISTRY
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
@@ -29,7 +54,9 @@ INFERENCE_TIME = Histogram(
     "halflabel_inference_seconds", "ONNX Runtime time per batch", ["model"], buckets=_FAST
 )
 INFERENCE_QUEUE_DEPTH = Gauge(
-    "halflabel_inference_queue_depth", "Inputs admitted and not yet answered (the HPA scales on it)"
+    "halflabel_inference_queue_depth",
+    "Inputs admitted and not yet answered (the HPA scales on it)",
+    multiprocess_mode="livesum",
 )
 REJECTED_INPUTS = Counter(
     "halflabel_rejected_inputs", "Inputs refused with 503 because the batching queue was full"
@@ -58,30 +85,51 @@ QUEUE_PUSH_DROPPED = Counter(
     "Low-confidence inputs given up: the spool was full or unwritable, or the queue refused them",
 )
 QUEUE_PUSH_BUFFERED = Gauge(
-    "halflabel_labelling_push_buffered", "Low-confidence inputs in the spool, not yet in Redis"
+    "halflabel_labelling_push_buffered",
+    "Low-confidence inputs in the spool, not yet in Redis",
+    multiprocess_mode="livesum",
 )
-MODEL_VERSION = Gauge("halflabel_model_version", "Version of the model being served", ["model"])
+# The oldest version any worker serves: workers load a new one each in its own time.
+MODEL_VERSION = Gauge(
+    "halflabel_model_version",
+    "Version of the model being served",
+    ["model"],
+    multiprocess_mode="livemin",
+)
 MODEL_LOAD_FAILURES = Counter(
     "halflabel_model_load_failures", "New versions refused (broken or tampered)", ["model"]
 )
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per scrape otherwise
+        pass
+
+
 @contextlib.contextmanager
-def metrics_listener(host: str, port: int) -> Iterator[None]:
+def metrics_listener(host: str, port: int, *, shared: bool = False) -> Iterator[None]:
     """Serve every metric at http://host:port/metrics, without a key, while inside; port 0: off.
 
-    It runs in threads of its own, so a slow scrape never holds up the event loop.
+    It runs in threads of its own, so a slow scrape never holds up the event loop. `shared`:
+    other worker processes of this service listen on the same port (SO_REUSEPORT).
     """
     if not port:
         yield
         return
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        allow_reuse_port = shared  # whichever worker the kernel picks answers for all
+
     try:
-        server, thread = start_http_server(port, addr=host)
+        server = make_server(host, port, make_wsgi_app(EXPORTED), Server, _QuietHandler)
     except OSError as exc:
         raise HalflabelError(
             f"cannot listen for metrics on {host}:{port} ({exc.strerror}); "
             "pick a free HALFLABEL_METRICS_PORT, or 0 for none"
         ) from None
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     try:
         yield
     finally:

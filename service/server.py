@@ -38,11 +38,14 @@ class _Refused(Exception):
 
 
 class ServerConfig(uvicorn.Config):
-    """uvicorn's configuration, built from the settings, which the protocol reads too."""
+    """uvicorn's configuration, built from the settings, which the protocol reads too; `app` is
+    the app, or (for service.workers) a function each worker calls to build its own."""
 
-    def __init__(self, app: Litestar, settings: Settings) -> None:
+    def __init__(self, app: Litestar | Callable[[], Litestar], settings: Settings) -> None:
         super().__init__(
             app,
+            factory=not isinstance(app, Litestar),
+            workers=settings.workers,
             host=settings.host,
             port=settings.port,
             http=LimitedProtocol,
@@ -197,6 +200,13 @@ class Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             print(curl_example(self.settings), flush=True)
+
+
+def configure_logging(settings: Settings) -> None:
+    """The service's log format and level, in each process that serves (uvicorn sets its own)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def curl_example(settings: Settings) -> str:

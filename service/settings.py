@@ -29,6 +29,11 @@ class Settings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="Address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0: any free)")
+    workers: int = Field(
+        default=1, ge=1,
+        description="Processes serving the port, each with its own model session, batcher and "
+        "connection limits (docs/deploy.md: several for a GPU, one per pod on CPU)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Least severe log messages shown"
     )
@@ -69,7 +74,7 @@ class Settings(BaseSettings):
     spool_dir: Path = Field(
         default=DEFAULT_SPOOL_DIR,
         description="Where inputs for the queue wait on disk until Redis has them (one service "
-        "process per directory)",
+        "per directory, a subdirectory per worker)",
     )
     spool_max_bytes: int = Field(
         default=512 * 2**20, ge=1, description="Disk the spool may use; beyond it, not queued"

@@ -15,11 +15,13 @@ and its file being removed pushes it again, which the queue counts as one more h
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 from models.errors import HalflabelError
@@ -27,6 +29,7 @@ from models.queue import TaskRecord
 
 SUFFIX = ".task"
 LOCK_FILE = ".lock"
+WORKER_PREFIX = "worker-"
 
 
 class SpoolError(HalflabelError):
@@ -34,39 +37,29 @@ class SpoolError(HalflabelError):
 
 
 class Spool:
-    """A bounded directory of entries, one process at a time; entries come out oldest first."""
+    """A bounded directory of entries for one worker process; entries come out oldest first.
 
-    def __init__(self, directory: Path, max_entries: int, max_bytes: int) -> None:
-        self.directory = directory
+    `root` (HALFLABEL_SPOOL_DIR) belongs to one service (`held`). Each of the service's worker
+    processes takes the first `worker-<n>` directory in it that no process holds, so no two write
+    the same files and a worker restarted after a crash takes back the one it left; it also takes
+    over the entries of every other directory no process holds (left by a run with more workers),
+    so what a stopped service spooled is pushed whatever number of workers it restarts with.
+    """
+
+    def __init__(self, root: Path, max_entries: int, max_bytes: int) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._lock = self._take_lock()
-        for leftover in directory.glob(f".*{SUFFIX}.tmp"):  # renames a crash interrupted
+        self.directory, self._lock = _claim(root)
+        for other in root.glob(f"{WORKER_PREFIX}*"):
+            if other != self.directory:
+                _adopt(other, self.directory)
+        for leftover in self.directory.glob(f".*{SUFFIX}.tmp"):  # renames a crash interrupted
             leftover.unlink()
-        paths = sorted(directory.glob(f"*{SUFFIX}"))
+        paths = sorted(self.directory.glob(f"*{SUFFIX}"))
         self._entries = deque((path, path.stat().st_size) for path in paths)
         self._bytes = sum(size for _, size in self._entries)
         self._unsynced: list[Path] = []
         self._sequence = itertools.count()
-
-    def _take_lock(self) -> int:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            lock = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise SpoolError(
-                f"cannot use the spool directory {self.directory}: {exc.strerror}; "
-                "set HALFLABEL_SPOOL_DIR to a writable directory"
-            ) from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
-            raise SpoolError(
-                f"the spool directory {self.directory} is in use by another service process; "
-                "give each process its own HALFLABEL_SPOOL_DIR"
-            ) from None
-        return lock
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -134,3 +127,56 @@ def read_entry(path: Path) -> tuple[TaskRecord, bytes]:
     """An entry's record and image; ValueError when the file is not an entry."""
     record, _, image = path.read_bytes().partition(b"\n")
     return TaskRecord.model_validate_json(record), image
+
+
+@contextlib.contextmanager
+def held(root: Path) -> Iterator[None]:
+    """Hold `root` for this service while inside; SpoolError if another service holds it."""
+    lock = _try_lock(root)
+    if lock is None:
+        raise SpoolError(
+            f"the spool directory {root} is in use by another service process; "
+            "give each service its own HALFLABEL_SPOOL_DIR"
+        )
+    try:
+        yield
+    finally:
+        os.close(lock)
+
+
+def _claim(root: Path) -> tuple[Path, int]:
+    """The first worker directory of `root` no process holds, and its lock."""
+    index = 0
+    while (lock := _try_lock(root / f"{WORKER_PREFIX}{index}")) is None:
+        index += 1
+    return root / f"{WORKER_PREFIX}{index}", lock
+
+
+def _adopt(other: Path, directory: Path) -> None:
+    """Move the entries of `other` into `directory`, unless a process holds `other`."""
+    lock = _try_lock(other)
+    if lock is None:
+        return
+    try:
+        for path in other.glob(f"*{SUFFIX}"):
+            path.rename(directory / path.name)  # names keep their order: they start with the time
+    finally:
+        os.close(lock)
+
+
+def _try_lock(directory: Path) -> int | None:
+    """Lock `directory` (creating it) for this process; None when another process holds it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise SpoolError(
+            f"cannot use the spool directory {directory}: {exc.strerror}; "
+            "set HALFLABEL_SPOOL_DIR to a writable directory"
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    return lock

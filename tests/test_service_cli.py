@@ -47,6 +47,9 @@ def test_help_lists_every_setting_with_its_description_default_and_variable() ->
     [
         (["--model-name", "nope"], "error: no model named 'nope'"),
         (["--model-version", "9"], "error: model 'tiny' has no version 9"),
+        # With workers, what every worker would fail on is checked once, before they start.
+        (["--workers", "2", "--model-name", "nope"], "error: no model named 'nope'"),
+        (["--workers", "0"], "error: Invalid value for '--workers'"),
         (["--max-batch-size", "0"],
          "error: Invalid value for '--max-batch-size': Input should be greater than or equal to 1 "
          "(from the flag or HALFLABEL_MAX_BATCH_SIZE)"),

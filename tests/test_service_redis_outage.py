@@ -118,7 +118,7 @@ def test_inputs_queued_during_an_outage_reach_the_queue_after_the_service_stops(
     queued = {a["predictions"][0]["input_sha256"] for a in answers
               if a["predictions"][0]["queued_for_labelling"]}
     assert len(queued) == 15
-    assert len(list(spool.glob("*.task"))) == 15  # nothing reached Redis, everything is on disk
+    assert len(list(spool.glob("*/*.task"))) == 15  # nothing reached Redis, everything is on disk
 
     private_redis.start()
     service = start_service(env, tmp_path / "second.log")
@@ -133,7 +133,7 @@ def test_inputs_queued_during_an_outage_reach_the_queue_after_the_service_stops(
         stop_service(service)
     assert pending == queued
     assert all(hashlib.sha256(image or b"").hexdigest() == i for i, image in images.items())
-    assert not list(spool.glob("*.task"))  # removed once Redis had them
+    assert not list(spool.glob("*/*.task"))  # removed once Redis had them
 
 
 def test_a_spool_directory_serves_one_process_at_a_time(

@@ -1,4 +1,4 @@
-"""The on-disk spool: entries persist across processes in order, bounded, one process at a time."""
+"""The on-disk spool: entries persist across processes in order, bounded, a directory per worker."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from models.queue import Guess, TaskRecord
-from service.spool import Spool, SpoolError, read_entry
+from service.spool import Spool, SpoolError, held, read_entry
 
 
 def record(n: int) -> TaskRecord:
@@ -22,10 +22,11 @@ def test_entries_come_back_oldest_first_after_a_reopen(tmp_path: Path) -> None:
     for n in range(3):
         assert spool.add(records[n], b"image %d\n\x00" % n) is None
     spool.close()
-    (tmp_path / f".{'0' * 20}-x.task.tmp").write_bytes(b"half")  # a rename a crash interrupted
+    (spool.directory / f".{'0' * 20}-x.task.tmp").write_bytes(b"half")  # a crash's half rename
 
     reopened = Spool(tmp_path, max_entries=10, max_bytes=10**6)
-    assert len(reopened) == 3 and not list(tmp_path.glob(".*.tmp"))
+    assert reopened.directory == spool.directory
+    assert len(reopened) == 3 and not list(tmp_path.glob("*/.*.tmp"))
     for n in range(3):
         oldest = reopened.oldest()
         assert oldest is not None and read_entry(oldest) == (records[n], b"image %d\n\x00" % n)
@@ -55,12 +56,32 @@ def test_sync_skips_entries_already_pushed(tmp_path: Path) -> None:
     assert spool.take_unsynced() == []
 
 
-def test_a_directory_serves_one_spool_at_a_time(tmp_path: Path) -> None:
-    first = Spool(tmp_path, max_entries=10, max_bytes=10**6)
-    with pytest.raises(SpoolError, match="in use by another service process"):
-        Spool(tmp_path, max_entries=10, max_bytes=10**6)
+def test_workers_write_apart_and_a_restart_takes_over_what_no_worker_holds(tmp_path: Path) -> None:
+    first, second = (Spool(tmp_path, max_entries=10, max_bytes=10**6) for _ in range(2))
+    assert first.directory != second.directory
+    for n in range(4):  # interleaved, as two workers write
+        assert (first, second)[n % 2].add(record(n), b"%d" % n) is None
+    third = Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    assert len(third) == 0  # the others are held: nothing taken from a live worker
     first.close()
-    Spool(tmp_path, max_entries=10, max_bytes=10**6).close()
+    second.close()
+    third.close()
+
+    alone = Spool(tmp_path, max_entries=10, max_bytes=10**6)  # fewer workers than last time
+    order = []
+    while (oldest := alone.oldest()) is not None:
+        order.append(read_entry(oldest)[0].id)
+        alone.remove_oldest()
+    assert order == [record(n).id for n in range(4)]
+    assert not list(tmp_path.glob("*/*.task"))
+
+
+def test_a_root_serves_one_service_at_a_time(tmp_path: Path) -> None:
+    with (held(tmp_path), pytest.raises(SpoolError, match="in use by another service process"),
+          held(tmp_path)):
+        pass
+    with held(tmp_path):
+        pass
 
 
 def test_an_unwritable_directory_is_named(tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ REFRESH_TIMEOUT_S = 2.0
 
 class QueueMetrics(Collector):
     """Queue depth and counters from a cache. Register once per process:
-    `REGISTRY.register(QueueMetrics(queue))`, then run `refresh_forever()` as a task."""
+    `service.metrics.EXPORTED.register(QueueMetrics(queue))`, then run `refresh_forever()` as a
+    task."""
 
     def __init__(self, queue: LabellingQueue) -> None:
         self.queue = queue
