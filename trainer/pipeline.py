@@ -7,8 +7,8 @@
 The recipe is a list of stages (`recipe`), run in order over one shared `TrainingState`: a
 backbone from ImageNet / a checkpoint / SimCLR pretraining → supervised fine-tuning → label
 spreading rounds, each followed by training on its pseudo-labels → FixMatch/FlexMatch
-refinement. Each runs only when its budget (`steps`) is > 0, and each after the first
-spreading round is kept only if it does not lower a held-out criterion (`trainer.criterion`).
+refinement. Each runs only when its budget (`steps`) is > 0, and each from the first
+spreading round on is kept only if it does not lower a held-out criterion (`trainer.criterion`).
 Temperature scaling on a held-out slice of the labels then calibrates what they trained.
 
 Label spreading runs in rounds, each on the embeddings the previous one improved. A backbone
