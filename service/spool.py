@@ -53,6 +53,9 @@ class Spool:
         for other in root.glob(f"{WORKER_PREFIX}*"):
             if other != self.directory:
                 _adopt(other, self.directory)
+        for path in root.glob(f"*{SUFFIX}"):  # spooled into the root, before worker directories
+            with contextlib.suppress(FileNotFoundError):  # another worker took it first
+                path.rename(self.directory / path.name)
         for leftover in self.directory.glob(f".*{SUFFIX}.tmp"):  # renames a crash interrupted
             leftover.unlink()
         paths = sorted(self.directory.glob(f"*{SUFFIX}"))

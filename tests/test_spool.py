@@ -89,3 +89,20 @@ def test_an_unwritable_directory_is_named(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(SpoolError, match="set HALFLABEL_SPOOL_DIR to a writable directory"):
         Spool(blocker / "spool", max_entries=1, max_bytes=1)
+
+
+def test_entries_spooled_into_the_root_by_an_older_release_are_taken_over(tmp_path: Path) -> None:
+    before = Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    for n in range(2):
+        assert before.add(record(n), b"%d" % n) is None
+    before.close()
+    for path in before.directory.glob("*.task"):  # where releases without workers kept them
+        path.rename(tmp_path / path.name)
+
+    after = Spool(tmp_path, max_entries=10, max_bytes=10**6)
+    assert not list(tmp_path.glob("*.task"))
+    order = []
+    while (oldest := after.oldest()) is not None:
+        order.append(read_entry(oldest)[0].id)
+        after.remove_oldest()
+    assert order == [record(n).id for n in range(2)]
