@@ -17,14 +17,13 @@ import redis
 from litestar import Controller, Litestar, Response, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.queue import LabellingQueue
 from service.api import v1_router
 from service.gpu_metrics import gpu_metrics
 from service.labelling import QueueMetrics, labelling_router
-from service.metrics import EXPORTED, client_gone_middleware, metrics_listener
+from service.metrics import EXPORTED, metrics_listener, request_metrics_middleware
 from service.model_host import ModelHost
 from service.oip import v2_router
 from service.predictor import Predictor
@@ -36,8 +35,6 @@ from service.spool import Spool
 
 REDIS_TIMEOUT_S = 2.0
 REDIS_CLIENT_NAME = "halflabel-service"
-# Requests by method, route template and status, and their latency histogram.
-REQUEST_METRICS = PrometheusConfig(app_name="halflabel", prefix="halflabel", group_path=True)
 
 
 class MetricsController(Controller):
@@ -101,7 +98,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state=state,
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[REQUEST_METRICS.middleware, client_gone_middleware],
+        middleware=[request_metrics_middleware],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="halflabel", version="1", path="/schema"),
     )

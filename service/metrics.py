@@ -1,6 +1,5 @@
-"""Prometheus metrics the service exports at `/metrics` (request counts and latency come from
-Litestar's Prometheus middleware, configured in `service.app`), and the listener that serves them
-without an API key on a port of their own.
+"""Prometheus metrics the service exports at `/metrics`, the middleware that counts and times
+requests, and the listener that serves the metrics without an API key on a port of their own.
 
 With several worker processes (service.workers sets PROMETHEUS_MULTIPROC_DIR before they start)
 prometheus_client keeps each process's samples in files there and `EXPORTED` sums them, so any
@@ -14,6 +13,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -38,6 +38,22 @@ else:
     EXPORTED = REGISTRY
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+APP_NAME = "halflabel"  # the requests' app_name label, as Litestar's middleware named it
+
+REQUESTS = Counter(
+    "halflabel_requests", "Requests answered", ["method", "path", "status_code", "app_name"]
+)
+REQUEST_DURATION = Histogram(
+    "halflabel_request_duration_seconds",
+    "Time from routing a request to the end of its answer, in seconds",
+    ["method", "path", "status_code", "app_name"],
+)
+REQUESTS_IN_PROGRESS = Gauge(
+    "halflabel_requests_in_progress",
+    "Requests being answered",
+    ["method", "path", "app_name"],
+    multiprocess_mode="livesum",
+)
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -138,14 +154,21 @@ def metrics_listener(host: str, port: int, *, shared: bool = False) -> Iterator[
         thread.join()
 
 
-def client_gone_middleware(app: ASGIApp) -> ASGIApp:
-    """Answers whose client left before them are status 499 (inside the request metrics), so a
-    client that disconnects mid-request is counted apart and never as a server error."""
+def request_metrics_middleware(app: ASGIApp) -> ASGIApp:
+    """Counts and times every routed HTTP request by method, route template and status.
+
+    An answer whose client left before it is status 499, so a client that disconnects
+    mid-request is counted apart and never as a server error. Written for this service rather
+    than Litestar's Prometheus middleware, which costs several times more per request.
+    """
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path_template"]
+        status = 500  # what the client sees if the app raises before answering
         gone = False
 
         async def watched_receive() -> ReceiveMessage:
@@ -155,10 +178,21 @@ def client_gone_middleware(app: ASGIApp) -> ASGIApp:
             return message
 
         async def marked_send(message: Message) -> None:
-            if gone and message["type"] == "http.response.start":
-                message = {**message, "status": CLIENT_CLOSED_REQUEST}
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = CLIENT_CLOSED_REQUEST if gone else message["status"]
+                if gone:
+                    message = {**message, "status": status}
             await send(message)
 
-        await app(scope, watched_receive, marked_send)
+        in_progress = REQUESTS_IN_PROGRESS.labels(method, path, APP_NAME)
+        in_progress.inc()
+        try:
+            await app(scope, watched_receive, marked_send)
+        finally:
+            in_progress.dec()
+            labels = (method, path, str(status), APP_NAME)
+            REQUESTS.labels(*labels).inc()
+            REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)
 
     return middleware
