@@ -14,7 +14,9 @@ request, over loopback:
 - overload: `--overload-factor` times the saturating connections for `--overload-seconds`, from
   a small asyncio HTTP/1.1 client in this process (it records every request, which wrk and hey
   do not): goodput (200s per second), 503s and their p50/p99 latency, client timeouts,
-  connection errors and 5xx other than 503, plus the 500s the service counted itself.
+  connection errors and 5xx other than 503, plus the 500s the service counted itself. Twice:
+  clients that send their next request as soon as a 503 comes back (a flood, as wrk and hey
+  do), then clients that wait the 503's Retry-After first, as well-behaved clients do.
 Queueing for labelling is off (HALFLABEL_ENTROPY_THRESHOLD=1), so the figures are the predict path.
 
 Run: .venv/bin/python benchmarks/front_door.py --model-dir DIR   (needs wrk: `make bench-tools`)
@@ -100,6 +102,7 @@ def saturate(url: str, pid: int, image: Path, connections: int, seconds: float,
 class Overload:
     seconds: float
     connections: int
+    honour_retry_after: bool
     results: list[tuple[int, float]] = field(default_factory=list)  # (status, latency s)
     client_cpu_s: float = 0.0
     server_500s: float = 0.0
@@ -116,14 +119,16 @@ class Overload:
         return sum(1 for code, _ in self.results if code >= 500 and code != 503)
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """The status of one HTTP/1.1 response, read to its end, and whether the connection stays."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float]:
+    """The status of one HTTP/1.1 response, read to its end, whether the connection stays, and
+    its Retry-After in seconds (0 without one)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {name.strip().lower(): value.strip()
                for name, _, value in (line.partition(":") for line in lines if line)}
     await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers.get("connection", "").lower() != "close"
+    keep = headers.get("connection", "").lower() != "close"
+    return int(status_line.split()[1]), keep, float(headers.get("retry-after", "0"))
 
 
 async def _overload(port: int, request: bytes, load: Overload, timeout_s: float) -> None:
@@ -133,12 +138,12 @@ async def _overload(port: int, request: bytes, load: Overload, timeout_s: float)
         streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         while time.monotonic() < deadline:
             started = time.perf_counter()
-            status, keep = CONNECTION_ERROR, False
+            status, keep, retry_after = CONNECTION_ERROR, False, 0.0
             try:
                 async with asyncio.timeout(timeout_s):
                     streams = streams or await asyncio.open_connection("127.0.0.1", port)
                     streams[1].write(request)
-                    status, keep = await _read_response(streams[0])
+                    status, keep, retry_after = await _read_response(streams[0])
             except TimeoutError:
                 status = TIMED_OUT
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -147,22 +152,25 @@ async def _overload(port: int, request: bytes, load: Overload, timeout_s: float)
             if not keep and streams is not None:
                 streams[1].close()
                 streams = None
+            if load.honour_retry_after and retry_after:
+                await asyncio.sleep(retry_after)
         if streams is not None:
             streams[1].close()
 
     await asyncio.gather(*(client() for _ in range(load.connections)))
 
 
-def overload(url: str, image: Path, connections: int, seconds: float, timeout_s: float
-             ) -> Overload:
-    """`connections` clients sending one PNG per request as fast as answers come back."""
+def overload(url: str, image: Path, connections: int, seconds: float, timeout_s: float,
+             honour_retry_after: bool) -> Overload:
+    """`connections` clients sending one PNG per request as fast as answers come back (after a
+    503's Retry-After when `honour_retry_after`)."""
     port = int(url.split(":")[2].split("/")[0])
     body = image.read_bytes()
     request = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     metrics_url = url.replace("/v1/predict", "/metrics")
     before = httpx.get(metrics_url).text
-    load = Overload(seconds, connections)
+    load = Overload(seconds, connections, honour_retry_after)
     cpu = time.process_time()
     uvloop.run(_overload(port, request, load, timeout_s))
     load.client_cpu_s = time.process_time() - cpu
@@ -180,8 +188,24 @@ def raw_cpu(artifact: Artifact, threads: int, batch: int, seconds: float) -> tup
     return rate, 1000 * (time.process_time() - cpu) / (rate * seconds)
 
 
+def _overload_rows(table: Table, load: Overload, saturation: float, timeout_s: float) -> None:
+    ok = load.count(200)
+    clients = "waiting Retry-After" if load.honour_retry_after else "retrying at once"
+    table.add_row(f"overload goodput ({load.connections} conn., {load.seconds:g} s, {clients})",
+                  f"{ok / load.seconds:.0f} req/s", f"{ok / load.seconds / saturation:.0%} of "
+                  "saturation")
+    table.add_row("  200 latency p50 / p99",
+                  f"{load.latency_ms(200, 50):.1f} / {load.latency_ms(200, 99):.1f} ms", "")
+    table.add_row("  503s", f"{load.count(503)}", f"p50 {load.latency_ms(503, 50):.1f} ms,"
+                  f" p99 {load.latency_ms(503, 99):.1f} ms")
+    table.add_row("  client timeouts", f"{load.count(TIMED_OUT)}", f"no answer in {timeout_s:g} s")
+    table.add_row("  connection errors", f"{load.count(CONNECTION_ERROR)}", "refused or reset")
+    table.add_row("  5xx other than 503", f"{load.other_5xx}",
+                  f"the service counted {load.server_500s:.0f} 500s in halflabel_requests_total")
+
+
 def report(raw: dict[int, tuple[float, float]], bare: Saturation, service: Saturation,
-           load: Overload, timeout_s: float, workers: dict[int, Saturation]) -> None:
+           loads: list[Overload], timeout_s: float, workers: dict[int, Saturation]) -> None:
     table = Table(title="Front door (one PNG per request)")
     for column in ("figure", "value", "baseline / note"):
         table.add_column(column)
@@ -201,22 +225,13 @@ def report(raw: dict[int, tuple[float, float]], bare: Saturation, service: Satur
                       f"{run.rate / service.rate:.2f}x one process; CPU {run.cpu_ms:.3f} ms per "
                       f"request (mean batch {run.mean_batch:.1f}), {run.server_cores:.2f} cores; "
                       f"wrk {run.loadgen_cores:.2f} cores; {run.failures} failed")
-    ok = load.count(200)
-    table.add_row(f"overload goodput ({load.connections} conn., {load.seconds:g} s)",
-                  f"{ok / load.seconds:.0f} req/s", f"{ok / load.seconds / service.rate:.0%} of "
-                  "saturation")
-    table.add_row("overload 200 latency p50 / p99",
-                  f"{load.latency_ms(200, 50):.1f} / {load.latency_ms(200, 99):.1f} ms", "")
-    table.add_row("overload 503s", f"{load.count(503)}", f"p50 {load.latency_ms(503, 50):.1f} ms,"
-                  f" p99 {load.latency_ms(503, 99):.1f} ms")
-    table.add_row("client timeouts", f"{load.count(TIMED_OUT)}", f"no answer in {timeout_s:g} s")
-    table.add_row("connection errors", f"{load.count(CONNECTION_ERROR)}", "refused or reset")
-    table.add_row("5xx other than 503", f"{load.other_5xx}",
-                  f"the service counted {load.server_500s:.0f} 500s in halflabel_requests_total")
-    client_ms = 1000 * load.client_cpu_s / max(1, len(load.results))
+    for load in loads:
+        _overload_rows(table, load, service.rate, timeout_s)
+    clients = ", ".join(f"{load.client_cpu_s / load.seconds:.2f} cores ("
+                        f"{1000 * load.client_cpu_s / max(1, len(load.results)):.3f} ms per "
+                        "request)" for load in loads)
     table.add_row("load generators' CPU", f"wrk {service.loadgen_cores:.2f} cores",
-                  f"overload client {load.client_cpu_s / load.seconds:.2f} cores "
-                  f"({client_ms:.3f} ms per request)")
+                  f"overload clients {clients}")
     console.print(table)
     load_avg = os.getloadavg()
     console.print(f"machine: {cpu_name()}, {os.cpu_count()} cores, load average "
@@ -262,15 +277,15 @@ def main(
             service = saturate(url, pid, image, connections, seconds,
                                url.replace("/v1/predict", "/metrics"))
             console.print(f"service at {overload_factor}x overload")
-            load = overload(url, image, connections * overload_factor, overload_seconds,
-                            client_timeout)
+            loads = [overload(url, image, connections * overload_factor, overload_seconds,
+                              client_timeout, honour) for honour in (False, True)]
         several = {}
         if workers > 1:
             with start_service(artifact, threads, max_batch, workers) as (url, pid):
                 console.print(f"service with {workers} workers at saturation")
                 several[workers] = saturate(url, pid, image, connections, seconds,
                                             url.replace("/v1/predict", "/metrics"))
-    report(raw, bare, service, load, client_timeout, several)
+    report(raw, bare, service, loads, client_timeout, several)
 
 
 if __name__ == "__main__":

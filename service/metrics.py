@@ -77,6 +77,11 @@ INFERENCE_QUEUE_DEPTH = Gauge(
 REJECTED_INPUTS = Counter(
     "halflabel_rejected_inputs", "Inputs refused with 503 because the batching queue was full"
 )
+REQUESTS_REFUSED = Counter(
+    "halflabel_requests_refused",
+    "Inference requests answered 503 from their headers: HALFLABEL_MAX_REQUESTS_IN_FLIGHT were "
+    "being answered (not in halflabel_requests_total, which counts routed requests)",
+)
 DECODES_REFUSED = Counter(
     "halflabel_decodes_refused",
     "Requests refused with 503 because HALFLABEL_MAX_PIXELS_IN_FLIGHT were being decoded",

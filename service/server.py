@@ -6,6 +6,12 @@ request: `timeout_keep_alive` only runs between requests and every byte resets i
 that sends nothing, or trickles its headers, holds a connection and its buffers forever
 (uvicorn issue #157). `LimitedProtocol` adds those limits, caps open connections, and answers
 what it refuses, and uvicorn's own protocol-level 400, as problem+json.
+
+Under overload it refuses inference requests once `max_requests_in_flight` requests are being
+answered, from their headers, before a body is read or an ASGI task is made: a refusal costs a
+small fraction of the request it turns away, so what the server can do goes to the requests
+it took (uvicorn's `limit_concurrency` refuses every route, health checks included, and runs
+each refusal through an ASGI task).
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from models.errors import HalflabelError
+from service import metrics
 from service.security import is_loopback
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 EXAMPLE_IMAGE = "docs/example-digit.png"
 FILES_BESIDE_CONNECTIONS = 256  # the model, Redis, logs, the spool, the listening socket...
+INFERENCE_PATHS = (b"/predict", b"/infer")  # POST routes that run the model (service.api, oip)
 
 
 class _Refused(Exception):
@@ -56,6 +64,14 @@ class ServerConfig(uvicorn.Config):
             timeout_graceful_shutdown=settings.shutdown_timeout_s,
         )
         self.settings = settings
+        # Written as is to every request turned away under overload: a refusal must cost little.
+        self.turn_away_detail = (
+            f"{settings.max_requests_in_flight} requests are being answered "
+            "(HALFLABEL_MAX_REQUESTS_IN_FLIGHT); retry after a short wait"
+        )
+        self.turn_away_answer = _problem(
+            HTTPStatus.SERVICE_UNAVAILABLE, self.turn_away_detail, keep_alive=True
+        )
 
 
 class LimitedProtocol(HttpToolsProtocol):
@@ -70,11 +86,13 @@ class LimitedProtocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         assert isinstance(config, ServerConfig)
+        self.server_config = config
         self.limits = config.settings
         self._deadline: asyncio.TimerHandle | None = None
         self._awaiting_headers = True
         self._header_bytes_received = 0  # while the current request's headers are incomplete
         self._refusal: tuple[HTTPStatus, str] | None = None
+        self._turned_away = False  # the current request was answered 503 from its headers
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -111,12 +129,51 @@ class LimitedProtocol(HttpToolsProtocol):
         self._awaiting_headers = False
         self._header_bytes_received = 0
         self._arm(self.limits.body_timeout_s, self._body_too_slow)
+        if self._overloaded():
+            self._turn_away()
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._turned_away:  # a refused request's body is read and dropped
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()
         self._awaiting_headers = True
-        super().on_message_complete()
+        if not self._turned_away:
+            super().on_message_complete()
+            return
+        self._turned_away = False
+        if self.parser.should_keep_alive():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+        else:
+            self.transport.close()
+
+    def _overloaded(self) -> bool:
+        """An inference request while `max_requests_in_flight` are being answered (`tasks` holds
+        the ASGI task of each request in flight in this process, on any connection)."""
+        return (
+            len(self.tasks) >= self.limits.max_requests_in_flight
+            and self.parser.get_method() == b"POST"
+            and self.url.partition(b"?")[0].endswith(INFERENCE_PATHS)
+            # a request pipelined behind one still being answered must wait its turn
+            and (self.cycle is None or self.cycle.response_complete)
+        )
+
+    def _turn_away(self) -> None:
+        """Answer 503 now; the body that follows is dropped (or, for a client waiting on
+        `Expect: 100-continue`, which sends none, the connection is closed)."""
+        metrics.REQUESTS_REFUSED.inc()
+        if self.expect_100_continue:
+            self._answer_and_close(
+                HTTPStatus.SERVICE_UNAVAILABLE, self.server_config.turn_away_detail
+            )
+            return
+        self._turned_away = True
+        self.transport.write(self.server_config.turn_away_answer)
 
     def send_400_response(self, msg: str) -> None:
         status, detail = self._refusal or (
@@ -160,16 +217,22 @@ class LimitedProtocol(HttpToolsProtocol):
     def _answer_and_close(self, status: HTTPStatus, detail: str) -> None:
         """Write a problem+json answer directly to the socket and close it."""
         self._disarm()
-        body = json.dumps(
-            {"type": "about:blank", "title": status.phrase, "status": status, "detail": detail}
-        ).encode()
-        retry = b"retry-after: 1\r\n" if status == HTTPStatus.SERVICE_UNAVAILABLE else b""
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
-            b"content-length: %d\r\n%sconnection: close\r\n\r\n%s"
-            % (status, status.phrase.encode(), len(body), retry, body)
-        )
+        self.transport.write(_problem(status, detail, keep_alive=False))
         self.transport.close()
+
+
+def _problem(status: HTTPStatus, detail: str, *, keep_alive: bool) -> bytes:
+    """A whole HTTP/1.1 problem+json response (a 503 says when to retry)."""
+    body = json.dumps(
+        {"type": "about:blank", "title": status.phrase, "status": status, "detail": detail}
+    ).encode()
+    retry = b"retry-after: 1\r\n" if status == HTTPStatus.SERVICE_UNAVAILABLE else b""
+    connection = b"keep-alive" if keep_alive else b"close"
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
+        b"content-length: %d\r\n%sconnection: %s\r\n\r\n%s"
+        % (status, status.phrase.encode(), len(body), retry, connection, body)
+    )
 
 
 class FileLimitError(HalflabelError):

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=1000, ge=1, description="Open connections; more are answered 503 and closed"
     )
+    max_requests_in_flight: int = Field(
+        default=256, ge=1,
+        description="Requests being answered at once; an inference request beyond them is "
+        "answered 503 from its headers, before its body is read",
+    )
     backlog: int = Field(default=2048, ge=1, description="Connections waiting to be accepted")
     shutdown_timeout_s: int = Field(
         default=20, ge=1, description="On SIGTERM, time left to requests in flight"

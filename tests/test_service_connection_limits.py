@@ -1,4 +1,5 @@
-"""Connection-level limits: huge or many headers, slow and idle clients, too many connections.
+"""Connection-level limits: huge or many headers, slow and idle clients, too many connections,
+too many requests in flight.
 
 The clients here are raw sockets, because the point is what a misbehaving client does.
 """
@@ -15,7 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LiveService, start_service, stop_service, tiny_draft, tiny_env, tiny_onnx_model
+from conftest import (
+    LiveService,
+    grey_png,
+    start_service,
+    stop_service,
+    tiny_draft,
+    tiny_env,
+    tiny_onnx_model,
+)
 
 from models.repository import ModelRepository
 
@@ -26,6 +35,7 @@ LIMITS = {
     "body_timeout_s": "1",
     "keep_alive_timeout_s": "1",
     "max_connections": "30",
+    "max_requests_in_flight": "2",
 }
 SLACK_S = 1.5  # scheduling noise on a shared machine
 
@@ -62,6 +72,24 @@ def status_and_problem(answer: bytes) -> tuple[int, dict[str, object]]:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-type: application/problem+json" in head.lower(), answer[:300]
     return int(head.split()[1]), json.loads(body)
+
+
+def read_response(conn: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response (head, body) from a connection that stays open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length:")))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head, body
+
+
+def predict_request(body: bytes) -> bytes:
+    return (b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
 
 
 def answers_normally(service: LiveService) -> bool:
@@ -183,3 +211,32 @@ def test_a_malformed_request_gets_a_problem_json_400(service: LiveService) -> No
         status, problem = status_and_problem(read_until_closed(conn))
     assert status == problem["status"] == 400
     assert "malformed HTTP request" in str(problem["detail"])
+
+
+def test_inference_requests_over_the_in_flight_limit_get_503_before_their_body(
+    service: LiveService,
+) -> None:
+    image = grey_png(128)
+    held = [connect(service) for _ in range(2)]  # two requests in flight, their bodies half-sent
+    for conn in held:
+        conn.sendall(predict_request(image) + image[:10])
+    try:
+        time.sleep(0.2)
+        with connect(service) as conn:
+            conn.sendall(predict_request(image) + image)
+            head, body = read_response(conn)
+            assert head.startswith(b"HTTP/1.1 503")
+            assert b"retry-after: 1" in head.lower() and b"connection: keep-alive" in head.lower()
+            assert "HALFLABEL_MAX_REQUESTS_IN_FLIGHT" in json.loads(body)["detail"]
+            assert answers_normally(service)  # health checks are never turned away
+            for conn_held in held:
+                conn_held.sendall(image[10:])
+                assert read_response(conn_held)[0].startswith(b"HTTP/1.1 200")
+            # The refused body was dropped: the same connection carries the next request.
+            conn.sendall(predict_request(image) + image)
+            assert read_response(conn)[0].startswith(b"HTTP/1.1 200")
+    finally:
+        for conn in held:
+            conn.close()
+    metrics = httpx.get(f"{service.url}/metrics").text
+    assert "halflabel_requests_refused_total 1.0" in metrics
