@@ -15,9 +15,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import cast
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -164,7 +165,8 @@ def request_metrics_middleware(app: ASGIApp) -> ASGIApp:
 
     An answer whose client left before it is status 499, so a client that disconnects
     mid-request is counted apart and never as a server error. Written for this service rather
-    than Litestar's Prometheus middleware, which costs several times more per request.
+    than Litestar's Prometheus middleware, which builds a Request and label dictionaries per
+    request on the hot path.
     """
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
@@ -172,7 +174,8 @@ def request_metrics_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         started = time.perf_counter()
-        method, path = scope["method"], scope["path_template"]
+        http = cast("HTTPScope", scope)
+        method, path = http["method"], http["path_template"]
         status = 500  # what the client sees if the app raises before answering
         gone = False
 
