@@ -6,6 +6,7 @@ The clients here are raw sockets, because the point is what a misbehaving client
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -213,30 +214,53 @@ def test_a_malformed_request_gets_a_problem_json_400(service: LiveService) -> No
     assert "malformed HTTP request" in str(problem["detail"])
 
 
+@contextlib.contextmanager
+def requests_in_flight(service: LiveService, image: bytes) -> Iterator[list[socket.socket]]:
+    """As many predict requests in flight as the limit allows, their bodies half-sent."""
+    held = [connect(service) for _ in range(int(LIMITS["max_requests_in_flight"]))]
+    try:
+        for conn in held:
+            conn.sendall(predict_request(image) + image[:10])
+        time.sleep(0.2)
+        yield held
+    finally:
+        for conn in held:
+            conn.close()
+
+
 def test_inference_requests_over_the_in_flight_limit_get_503_before_their_body(
     service: LiveService,
 ) -> None:
     image = grey_png(128)
-    held = [connect(service) for _ in range(2)]  # two requests in flight, their bodies half-sent
-    for conn in held:
-        conn.sendall(predict_request(image) + image[:10])
-    try:
-        time.sleep(0.2)
-        with connect(service) as conn:
-            conn.sendall(predict_request(image) + image)
-            head, body = read_response(conn)
-            assert head.startswith(b"HTTP/1.1 503")
-            assert b"retry-after: 1" in head.lower() and b"connection: keep-alive" in head.lower()
-            assert "HALFLABEL_MAX_REQUESTS_IN_FLIGHT" in json.loads(body)["detail"]
-            assert answers_normally(service)  # health checks are never turned away
-            for conn_held in held:
-                conn_held.sendall(image[10:])
-                assert read_response(conn_held)[0].startswith(b"HTTP/1.1 200")
-            # The refused body was dropped: the same connection carries the next request.
-            conn.sendall(predict_request(image) + image)
-            assert read_response(conn)[0].startswith(b"HTTP/1.1 200")
-    finally:
-        for conn in held:
-            conn.close()
+    refused_before = refused_count(service)
+    with requests_in_flight(service, image) as held, connect(service) as conn:
+        conn.sendall(predict_request(image) + image)
+        head, body = read_response(conn)
+        assert head.startswith(b"HTTP/1.1 503")
+        assert b"retry-after: 1" in head.lower() and b"connection: keep-alive" in head.lower()
+        assert "HALFLABEL_MAX_REQUESTS_IN_FLIGHT" in json.loads(body)["detail"]
+        assert answers_normally(service)  # health checks are never turned away
+        for request in held:
+            request.sendall(image[10:])
+            assert read_response(request)[0].startswith(b"HTTP/1.1 200")
+        # The refused body was dropped: the same connection carries the next request.
+        conn.sendall(predict_request(image) + image)
+        assert read_response(conn)[0].startswith(b"HTTP/1.1 200")
+    assert refused_count(service) == refused_before + 1
+
+
+def test_a_client_waiting_for_100_continue_is_turned_away_and_closed(service: LiveService) -> None:
+    image = grey_png(128)
+    with requests_in_flight(service, image), connect(service) as conn:
+        expecting = b"\r\nExpect: 100-continue\r\n\r\n"
+        conn.sendall(predict_request(image).replace(b"\r\n\r\n", expecting))
+        status, problem = status_and_problem(read_until_closed(conn))
+    assert status == problem["status"] == 503
+    assert answers_normally(service)
+
+
+def refused_count(service: LiveService) -> float:
     metrics = httpx.get(f"{service.url}/metrics").text
-    assert "halflabel_requests_refused_total 1.0" in metrics
+    line = next(line for line in metrics.splitlines()
+                if line.startswith("halflabel_requests_refused_total "))
+    return float(line.split()[1])
