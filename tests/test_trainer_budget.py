@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +15,7 @@ from trainer.config import TrainConfig
 from trainer.data import load_dataset
 from trainer.errors import SettingsError
 from trainer.pipeline import recipe, run_pipeline
+from trainer.stage import SETUP_SECONDS
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("20m", 1200), ("1h30m", 5400), ("90s", 90),
@@ -49,3 +52,46 @@ def test_a_budget_too_small_names_the_smallest_that_works() -> None:
                          supervised={"steps": 3}, pseudo={"steps": 3}, refine={"steps": 2})
     with pytest.raises(SettingsError, match=r"smallest budget that works on this machine is \d+s"):
         run_pipeline(digits, config)
+
+
+@dataclass
+class FakeRuntime:
+    progress: bool
+
+
+@dataclass
+class FakeState:
+    classifier: None
+    runtime: FakeRuntime
+
+
+class SleepyStage:
+    """Sleeps `fixed` (plus `jitter` on its first run) and `per_step` per step."""
+
+    name = "sleepy"
+
+    def __init__(self, fixed: float, per_step: float, reports_setup: bool,
+                 jitter: float) -> None:
+        self.fixed, self.per_step, self.reports_setup = fixed, per_step, reports_setup
+        self.jitter = jitter
+
+    def run(self, state: object, steps: int) -> dict[str, float]:
+        setup = self.fixed + self.jitter
+        self.jitter = 0.0
+        time.sleep(setup + self.per_step * steps)
+        return {SETUP_SECONDS: setup} if self.reports_setup else {}
+
+
+@pytest.mark.parametrize("reports_setup", [True, False])
+def test_a_stage_is_timed_per_step_and_fixed(reports_setup: bool) -> None:
+    # Fixed work that varies by more than the probe's steps cost (a spreading round's graph)
+    # is told apart only by the stage's own report; without one, the per-step cost comes out
+    # of the difference, high rather than low.
+    stage = SleepyStage(fixed=0.2, per_step=0.01, reports_setup=reports_setup, jitter=0.1)
+    state = FakeState(classifier=None, runtime=FakeRuntime(progress=False))
+    cost = budget._measure(stage, state)  # type: ignore[arg-type]
+    if reports_setup:
+        assert cost.per_step == pytest.approx(0.01, abs=0.004)
+        assert cost.fixed == pytest.approx(0.3, abs=0.02)
+    else:
+        assert cost.per_step > 0.01

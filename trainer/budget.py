@@ -1,7 +1,10 @@
 """A compute budget (`--budget 20m`) turned into the stages' steps before training starts.
 
 Each stage that will run is timed for a few steps on a throwaway copy of the training state,
-which gives its cost per step and its fixed cost (a spreading round's graph and solve).
+which gives its cost per step and its fixed cost. A spreading round reports its fixed work (the
+graph and solve over the whole pool, `SETUP_SECONDS` in what it returns) itself: it is large
+and varies by more from run to run than a few steps cost, so a difference of two timed runs
+would drown the steps in it (planned 827 s for a round that takes about 60, on Fashion-MNIST).
 Every stage's steps are then scaled by one factor, keeping the recipe's proportions, so that
 the stages fill the budget less a reserve for calibration, export and the report. The
 smallest budget that works is the one the recipe's own step counts need: below it the
@@ -18,11 +21,11 @@ from dataclasses import dataclass, replace
 
 from trainer.config import TrainConfig
 from trainer.errors import SettingsError
-from trainer.stage import Stage, TrainingState
+from trainer.stage import SETUP_SECONDS, Stage, TrainingState
 
 log = logging.getLogger(__name__)
 
-PROBE_STEPS = (1, 3)
+PROBE_STEPS = (1, 5)
 RESERVE = 0.1  # of the budget, for calibration, export, parity check and report
 STEP_SECTIONS = ("pretrain", "supervised", "pseudo", "refine")
 
@@ -83,13 +86,25 @@ def scale_steps(config: TrainConfig, factor: float) -> TrainConfig:
 
 
 def _measure(stage: Stage, state: TrainingState) -> StageCost:
-    """Seconds per step and fixed seconds of `stage`, from runs of `PROBE_STEPS` steps."""
-    times = []
-    for steps in PROBE_STEPS:
-        probe = replace(state, classifier=copy.deepcopy(state.classifier),
-                        runtime=replace(state.runtime, progress=False))
-        started = time.perf_counter()
-        stage.run(probe, steps)
-        times.append(time.perf_counter() - started)
-    per_step = max((times[1] - times[0]) / (PROBE_STEPS[1] - PROBE_STEPS[0]), 1e-6)
-    return StageCost(stage.name, per_step, max(times[0] - per_step * PROBE_STEPS[0], 0.0))
+    """Seconds per step and fixed seconds of `stage`: from one run of the larger number of
+    `PROBE_STEPS` and the fixed work it reports, or from the difference of runs of both."""
+    few, many = PROBE_STEPS
+    # The larger run first: the process's one-time warm-up then inflates the per-step cost
+    # (a plan that ends early) rather than hiding it (one that overruns).
+    seconds, details = _timed(stage, state, many)
+    if SETUP_SECONDS in details:
+        fixed = details[SETUP_SECONDS]
+        per_step = (seconds - fixed) / many
+    else:
+        per_step = (seconds - _timed(stage, state, few)[0]) / (many - few)
+        fixed = seconds - per_step * many
+    return StageCost(stage.name, max(per_step, 1e-6), max(fixed, 0.0))
+
+
+def _timed(stage: Stage, state: TrainingState, steps: int) -> tuple[float, dict[str, float]]:
+    """Seconds `stage` takes for `steps` on a throwaway copy of `state`, and what it reports."""
+    probe = replace(state, classifier=copy.deepcopy(state.classifier),
+                    runtime=replace(state.runtime, progress=False))
+    started = time.perf_counter()
+    details = stage.run(probe, steps)
+    return time.perf_counter() - started, details
