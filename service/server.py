@@ -173,7 +173,11 @@ class LimitedProtocol(HttpToolsProtocol):
             )
             return
         self._turned_away = True
-        self.transport.write(self.server_config.turn_away_answer)
+        if self.parser.should_keep_alive():
+            self.transport.write(self.server_config.turn_away_answer)
+        else:  # closed once the body is in, so that the client reads the answer, not a reset
+            detail = self.server_config.turn_away_detail
+            self.transport.write(_problem(HTTPStatus.SERVICE_UNAVAILABLE, detail, keep_alive=False))
 
     def send_400_response(self, msg: str) -> None:
         status, detail = self._refusal or (

@@ -249,13 +249,21 @@ def test_inference_requests_over_the_in_flight_limit_get_503_before_their_body(
     assert refused_count(service) == refused_before + 1
 
 
-def test_a_client_waiting_for_100_continue_is_turned_away_and_closed(service: LiveService) -> None:
+@pytest.mark.parametrize(("header", "send_body"), [
+    (b"Expect: 100-continue", False),  # it sends no body until told to
+    (b"Connection: close", True),
+], ids=["100-continue", "connection-close"])
+def test_a_client_that_does_not_keep_the_connection_is_turned_away_and_closed(
+    service: LiveService, header: bytes, send_body: bool,
+) -> None:
     image = grey_png(128)
     with requests_in_flight(service, image), connect(service) as conn:
-        expecting = b"\r\nExpect: 100-continue\r\n\r\n"
-        conn.sendall(predict_request(image).replace(b"\r\n\r\n", expecting))
-        status, problem = status_and_problem(read_until_closed(conn))
+        request = predict_request(image).replace(b"\r\n\r\n", b"\r\n" + header + b"\r\n\r\n")
+        conn.sendall(request + (image if send_body else b""))
+        answer = read_until_closed(conn)
+        status, problem = status_and_problem(answer)
     assert status == problem["status"] == 503
+    assert b"connection: close" in answer.lower()
     assert answers_normally(service)
 
 
