@@ -2,7 +2,10 @@
 
 The classic protocol (scikit-learn's "label propagation digits active learning" example with
 10 initial labels): the first 330 of the shuffled digits, 10 labelled, 5 more per round, 5
-rounds; the figure is accuracy on the images still unlabelled at each round.
+rounds; the figure is accuracy on the images still unlabelled at each round. The example
+shuffles with one seed (0); `--orderings K` runs the protocol on the shufflings of seeds
+0..K-1 (default 5) and reports each round's mean and worst ordering for both loops, and on how
+many orderings halflabel's loop is at least scikit-learn's.
 
 - scikit-learn: LabelSpreading(gamma=0.25, max_iter=20) on raw pixels; each round labels the 5
   unlabelled images of highest predictive entropy.
@@ -22,7 +25,7 @@ label mass reaching an image (`unreached_prior` 0.01, so the classes the first l
 queued), and no FixMatch: its self-training amplified the errors of its own guesses at 10
 labels (test accuracy 49% -> 27% in one run).
 
-Run: nice .venv/bin/python benchmarks/active_learning.py [--rounds 5] [--threads 2]
+Run: nice .venv/bin/python benchmarks/active_learning.py [--rounds 5] [--orderings 5] [--threads 2]
 (needs Redis at HALFLABEL_REDIS_URL, default 127.0.0.1:6379; its keys use a private prefix
 that is deleted at the end)
 """
@@ -76,11 +79,12 @@ app = typer.Typer(add_completion=False)
 
 
 class Digits:
-    """The protocol's split: the first 330 shuffled digits, the first 10 of them labelled."""
+    """The protocol's split: the first 330 digits shuffled with seed `ordering` (the example's
+    is 0), the first 10 of them labelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, ordering: int) -> None:
         digits = datasets.load_digits()
-        order = np.random.RandomState(0).permutation(len(digits.data))
+        order = np.random.RandomState(ordering).permutation(len(digits.data))
         self.features = digits.data[order]  # scikit-learn's loop works on these 64 values
         self.pixels = np.round(digits.images[order] * (255 / 16)).astype(np.uint8)
         self.targets = digits.target[order]
@@ -238,6 +242,8 @@ def halflabel_loop(digits: Digits, rounds: int, config: TrainConfig, work: Path,
 @app.command()
 def main(
     rounds: Annotated[int, typer.Option(min=1, help="active-learning rounds")] = 5,
+    orderings: Annotated[int, typer.Option(min=1, help="shufflings of the digits (seeds 0..)")
+                         ] = 5,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
     supervised_steps: Annotated[int, typer.Option(min=0)] = 100,
     pseudo_steps: Annotated[int, typer.Option(min=0)] = 300,
@@ -247,9 +253,8 @@ def main(
     unreached_prior: Annotated[float, typer.Option(min=0)] = 0.01,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Print per-round accuracy of halflabel's loop next to scikit-learn's."""
-    digits = Digits()
-    sklearn = sklearn_loop(digits, rounds)
+    """Print per-round accuracy of halflabel's loop next to scikit-learn's, per ordering and
+    over all of them."""
     config = TrainConfig(
         supervised={"steps": supervised_steps}, pseudo={"steps": pseudo_steps},
         refine={"steps": refine_steps},
@@ -257,25 +262,50 @@ def main(
                    "unreached_prior": unreached_prior},
         threads=threads, seed=seed, progress=False)
     redis_url = os.environ.get("HALFLABEL_REDIS_URL", "redis://127.0.0.1:6379/0")
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="halflabel-al-") as scratch:
-        ours, decisions = halflabel_loop(digits, rounds, config, Path(scratch), redis_url)
-    elapsed = time.perf_counter() - started
+    ours, theirs = [], []
+    for ordering in range(orderings):
+        digits = Digits(ordering)
+        theirs.append(sklearn_loop(digits, rounds))
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="halflabel-al-") as scratch:
+            accuracies, decisions = halflabel_loop(digits, rounds, config, Path(scratch),
+                                                   redis_url)
+        ours.append(accuracies)
+        console.print(ordering_table(ordering, accuracies, theirs[-1]))
+        for i, decision in enumerate(decisions):
+            console.print(f"promotion gate after round {i}: {decision}")
+        console.print(f"ordering {ordering}: halflabel loop wall time "
+                      f"{time.perf_counter() - started:.0f}s")
+    console.print(summary_table(np.array(ours), np.array(theirs)))
+    console.print(f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch threads "
+                  f"{threads}; config {config.model_dump(include=SHOWN_CONFIG)}")
 
-    table = Table(title="Accuracy on the still-unlabelled digits (330-image pool, 10 initial "
-                        f"labels, {PER_ROUND} more per round)")
+
+def ordering_table(ordering: int, ours: list[float], theirs: list[float]) -> Table:
+    table = Table(title=f"Ordering {ordering}: accuracy on the still-unlabelled digits "
+                        f"({POOL_SIZE}-image pool, {INITIAL_LABELS} initial labels, "
+                        f"{PER_ROUND} more per round)")
     for column in ("round", "labels", "halflabel (HTTP + Redis + retrain)",
                    "scikit-learn LabelSpreading", "difference"):
         table.add_column(column, justify="right")
-    for i, (mine, theirs) in enumerate(zip(ours, sklearn, strict=True)):
+    for i, (mine, sklearn) in enumerate(zip(ours, theirs, strict=True)):
         table.add_row(str(i), str(INITIAL_LABELS + PER_ROUND * i), f"{mine:.1%}",
-                      f"{theirs:.1%}", f"{(mine - theirs) * 100:+.1f} pts")
-    console.print(table)
-    for i, decision in enumerate(decisions):
-        console.print(f"promotion gate after round {i}: {decision}")
-    console.print(f"halflabel loop wall time {elapsed:.0f}s; {platform.processor() or 'cpu'}, "
-                  f"{os.cpu_count()} cores, torch threads {threads}; config "
-                  f"{config.model_dump(include=SHOWN_CONFIG)}")
+                      f"{sklearn:.1%}", f"{(mine - sklearn) * 100:+.1f} pts")
+    return table
+
+
+def summary_table(ours: np.ndarray, theirs: np.ndarray) -> Table:
+    """Per round (columns of the orderings x rounds arrays): mean and worst of each loop."""
+    table = Table(title=f"Over {len(ours)} orderings")
+    for column in ("round", "labels", "halflabel mean", "halflabel worst", "scikit-learn mean",
+                   "scikit-learn worst", "orderings halflabel >= scikit-learn"):
+        table.add_column(column, justify="right")
+    for i in range(ours.shape[1]):
+        table.add_row(str(i), str(INITIAL_LABELS + PER_ROUND * i), f"{ours[:, i].mean():.1%}",
+                      f"{ours[:, i].min():.1%}", f"{theirs[:, i].mean():.1%}",
+                      f"{theirs[:, i].min():.1%}",
+                      f"{int(np.sum(ours[:, i] >= theirs[:, i]))} of {len(ours)}")
+    return table
 
 
 def _png(pixels: np.ndarray) -> bytes:
